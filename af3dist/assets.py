@@ -1,0 +1,38 @@
+"""Build the embedded default's stand-ins (tiny AF3, synthetic AudioCaps) when a config asks for them.
+
+Only local folders that are missing (or built from other settings) are built; a hub id or URL is never
+touched, so the same config loader serves the laptop and the cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from af3dist.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def tokenizer_corpus(prompt: str) -> list[str]:
+    """Text the tiny tokenizer is trained on: every synthetic caption and the prompts."""
+    from af3dist.data.synthetic import caption_corpus
+
+    return caption_corpus() + [prompt, "Describe the audio.", "What do you hear?"]
+
+
+def prepare_embedded(cfg: Config) -> None:
+    """Make sure cfg.model.name_or_path and cfg.data.source exist when they name stand-ins to build."""
+    if cfg.model.build_tiny is not None:
+        from af3dist.model.tiny import ensure_tiny_model
+
+        path = ensure_tiny_model(cfg.model.name_or_path, cfg.model.build_tiny, tokenizer_corpus(cfg.data.prompt))
+        log.info("tiny AF3 ready at %s", path)
+    syn = cfg.data.synthetic
+    if syn is not None and "://" not in cfg.data.source and not (Path(cfg.data.source) / "data").is_dir():
+        from af3dist.data.synthetic import make_synthetic_audiocaps
+
+        log.info("generating synthetic AudioCaps at %s", cfg.data.source)
+        make_synthetic_audiocaps(cfg.data.source, train_clips=syn.train_clips,
+                                 validation_clips=syn.validation_clips, test_clips=syn.test_clips,
+                                 shards=syn.shards, long_clips=syn.long_clips, seed=syn.seed)

@@ -1,0 +1,180 @@
+"""Typed run configuration: YAML presets shipped in the package, user YAML files, `key=value` overrides.
+
+Everything is validated up front so that a typo fails in the driver with a message naming the field and
+the allowed values, not minutes later inside a Ray worker.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PRESETS_PACKAGE = "af3dist.presets"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def expand_path(value: str) -> str:
+    """Expand `~` and `$VARS` in local paths; URLs (s3://, hf://, ...) pass through unchanged."""
+    if "://" in value:
+        return value
+    return os.path.expanduser(os.path.expandvars(value))
+
+
+class TinyModelConfig(_Section):
+    """Sizes of the embedded stand-in AF3 (the real classes, tiny dimensions)."""
+
+    seed: int = 0
+    vocab_size: int = Field(512, ge=300, description="target size of the locally trained byte-level BPE")
+    audio_hidden_size: int = Field(32, ge=8)
+    audio_layers: int = Field(2, ge=1)
+    audio_heads: int = Field(2, ge=1)
+    audio_intermediate_size: int = Field(64, ge=8)
+    text_hidden_size: int = Field(64, ge=8)
+    text_layers: int = Field(2, ge=1)
+    text_heads: int = Field(4, ge=1)
+    text_kv_heads: int = Field(2, ge=1)
+    text_intermediate_size: int = Field(128, ge=8)
+
+
+class ModelConfig(_Section):
+    # A hub id (nvidia/audio-flamingo-3-hf) or a local folder; loaded the same way in both cases.
+    name_or_path: str = "nvidia/audio-flamingo-3-hf"
+    # When set and `name_or_path` is a missing local folder, the tiny stand-in is built there first.
+    build_tiny: TinyModelConfig | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    _expand = field_validator("name_or_path")(lambda cls, v: expand_path(v))
+
+
+class SyntheticDataConfig(_Section):
+    """Sizes of the generated AudioCaps stand-in."""
+
+    seed: int = 0
+    train_clips: int = Field(256, ge=1)
+    validation_clips: int = Field(24, ge=1)
+    test_clips: int = Field(24, ge=1)
+    shards: int = Field(2, ge=1)
+    long_clips: int = Field(1, ge=0)
+
+
+class DataConfig(_Section):
+    # Local folder, any fsspec URL (s3://bucket/audiocaps) or hf://datasets/OpenSound/AudioCaps.
+    source: str = "hf://datasets/OpenSound/AudioCaps"
+    # When set and `source` is a missing local folder, synthetic AudioCaps is generated there first.
+    synthetic: SyntheticDataConfig | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    test_split: str = "test"
+    prompt: str = "Describe the audio."
+    max_audio_seconds: float = Field(30.0, gt=0, description="longer clips are dropped as too_long")
+    resample_quality: Literal["VHQ", "HQ", "MQ", "LQ", "QQ"] = "HQ"
+    decode_batch_size: int = Field(16, ge=1)
+    cpus_per_data_task: float = Field(1.0, gt=0)
+    max_data_tasks: int | None = Field(None, ge=1, description="cap on concurrent decode/featurize tasks")
+    error_rate_ceiling: float = Field(0.2, ge=0, le=1)
+    min_rows_before_ceiling: int = Field(50, ge=1)
+    bucket_pool_batches: int = Field(16, ge=1, description="batches pooled and sorted by length")
+    shuffle: bool = True
+    seed: int = 0
+
+    _expand = field_validator("source")(lambda cls, v: expand_path(v))
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None: join RAY_ADDRESS if set, else start a local instance
+    num_cpus: int | None = Field(None, ge=1, description="only for a local instance")
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    ray: RayConfig = RayConfig()
+    output_dir: str = "outputs/run"
+
+    _expand = field_validator("output_dir")(lambda cls, v: expand_path(v))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files(PRESETS_PACKAGE).iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> dict[str, Any]:
+    if name_or_path in preset_names():
+        text = resources.files(PRESETS_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text()
+    elif Path(name_or_path).is_file():
+        text = Path(name_or_path).read_text()
+    else:
+        raise ConfigError(f"config {name_or_path!r} is neither a preset ({', '.join(preset_names())}) "
+                          f"nor a YAML file")
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {name_or_path!r} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (numbers, null, lists)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.field=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            section: Any = model
+            for p in e["loc"][:-1]:
+                section = section.model_fields[p].annotation
+                section = next((a for a in getattr(section, "__args__", (section,)) if a is not type(None)),
+                               section)
+            allowed = ", ".join(section.model_fields) if hasattr(section, "model_fields") else "?"
+            msg = f"unknown field (allowed: {allowed})"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def validate(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, Config)) from None
+
+
+def load_config(name_or_path: str = "tiny", overrides: list[str] | None = None) -> Config:
+    """Read a preset or YAML file, apply `key=value` overrides, validate everything."""
+    data = _read_yaml(name_or_path)
+    for override in overrides or []:
+        apply_override(data, override)
+    return validate(data)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

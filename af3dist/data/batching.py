@@ -1,0 +1,64 @@
+"""Length-aware batching and the training collate.
+
+Rows arrive from Ray Data already featurized. A pool of several batches is sorted by
+(audio windows, tokens) and cut into batches, so each batch holds similar lengths and little padding;
+the batch order inside a pool is shuffled from a seed. The collate then only stacks and pads.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from af3dist.data.features import IGNORE_INDEX
+
+Row = dict[str, np.ndarray]
+
+
+def rows_of(batch: dict[str, np.ndarray]) -> list[Row]:
+    """Split a columnar batch (as Ray Data's iter_batches yields it) into rows."""
+    n = len(next(iter(batch.values())))
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def length_key(row: Row) -> tuple[int, int]:
+    return int(row["num_windows"]), int(row["num_tokens"])
+
+
+def bucket_batches(pools: Iterable[list[Row]], batch_size: int, seed: int) -> Iterator[list[Row]]:
+    """Sort each pool by length, cut it into batches, yield them in a seeded random order."""
+    rng = random.Random(seed)
+    for pool in pools:
+        pool = sorted(pool, key=length_key)
+        batches = [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
+
+def iter_bucketed(dataset_iter, batch_size: int, pool_batches: int, seed: int,
+                  prefetch_batches: int = 2) -> Iterator[list[Row]]:
+    """Batches of rows from a Ray Data DataIterator or Dataset, length-bucketed within pools."""
+    pools = (rows_of(b) for b in dataset_iter.iter_batches(
+        batch_size=batch_size * pool_batches, batch_format="numpy", prefetch_batches=prefetch_batches))
+    return bucket_batches(pools, batch_size, seed)
+
+
+def collate(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token sequences; concatenate every clip's 30 s log-mel windows (the processor's layout)."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[i, :n] = torch.from_numpy(np.asarray(r["input_ids"], dtype=np.int64))
+        labels[i, :n] = torch.from_numpy(np.asarray(r["labels"], dtype=np.int64))
+        attention_mask[i, :n] = 1
+    features = torch.from_numpy(np.concatenate([np.asarray(r["input_features"]) for r in rows]))
+    features_mask = torch.from_numpy(
+        np.concatenate([np.asarray(r["input_features_mask"]) for r in rows]).astype(np.int32))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "input_features": features, "input_features_mask": features_mask}

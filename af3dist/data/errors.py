@@ -1,0 +1,90 @@
+"""Bad rows never stop a run: they are dropped, counted by reason and listed in an errors file.
+
+Data tasks run all over the cluster, so the counts live in one small Ray actor. It also enforces the
+error-rate ceiling, turning a mostly broken dataset into one clear failure instead of a silent
+training run on what little is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import fsspec
+import ray
+
+
+class DataQualityError(RuntimeError):
+    """Too large a share of the rows is unusable."""
+
+
+def _ceiling_message(seen: int, dropped: int, by_reason: dict[str, int], ceiling: float) -> str:
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(by_reason.items()))
+    return (f"{dropped} of {seen} rows ({dropped / seen:.0%}) were unusable, over the error-rate ceiling of "
+            f"{ceiling:.0%} (data.error_rate_ceiling): {reasons}. Check the dataset.")
+
+
+class ErrorCounts:
+    """Counts and the list of dropped rows; plain Python so it is testable without Ray."""
+
+    def __init__(self, ceiling: float = 1.0, min_rows: int = 1):
+        self.ceiling = ceiling
+        self.min_rows = min_rows
+        self.seen = 0
+        self.by_reason: Counter[str] = Counter()
+        self.rows: list[dict] = []
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.by_reason.values())
+
+    def record(self, seen: int, errors: list[dict]) -> str | None:
+        """Add a batch's counts; returns the failure message once the ceiling is exceeded."""
+        self.seen += seen
+        for e in errors:
+            self.by_reason[e["reason"]] += 1
+            self.rows.append(e)
+        return self.check(self.min_rows)
+
+    def check(self, min_rows: int = 1) -> str | None:
+        if self.seen >= min_rows and self.seen and self.dropped / self.seen > self.ceiling:
+            return _ceiling_message(self.seen, self.dropped, dict(self.by_reason), self.ceiling)
+        return None
+
+    def summary(self) -> dict:
+        return {"rows_seen": self.seen, "rows_dropped": self.dropped, "dropped_by_reason": dict(self.by_reason)}
+
+    def write(self, path: str) -> str:
+        """Write the dropped rows as JSONL, whole or not at all (temp file, then rename on local disk)."""
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows)
+        if "://" in path:
+            with fsspec.open(path, "w") as f:
+                f.write(text)
+            return path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        Path(tmp).write_text(text)
+        os.replace(tmp, path)
+        return path
+
+
+@ray.remote(num_cpus=0)
+class ErrorLedger(ErrorCounts):
+    """The cluster-wide ErrorCounts of one pipeline run."""
+
+    def get_summary(self) -> dict:
+        return self.summary()
+
+    def final_check(self) -> str | None:
+        return self.check(1)
+
+
+def report_errors(ledger, seen: int, errors: list[dict]) -> None:
+    """Called by data tasks: record a batch's dropped rows, and fail the run past the ceiling."""
+    if ledger is None:
+        return
+    message = ray.get(ledger.record.remote(seen, errors))
+    if message:
+        raise DataQualityError(message)

@@ -1,0 +1,93 @@
+"""Turn a 16 kHz waveform (and its caption) into AF3 model inputs with the model's own processor.
+
+The processor computes the log-mel windows, renders the chat template and expands `<sound>` to one
+token per audio frame. Training labels are built here: the loss covers the assistant's caption and its
+closing `<|im_end|>` only (the processor's `output_labels=True` would also train on the system prompt,
+the user prompt and the role tags).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+from transformers import AutoProcessor
+
+from af3dist.data.audio import ClipError
+
+IGNORE_INDEX = -100
+
+
+def conversation(prompt: str, caption: str | None = None) -> list[dict[str, Any]]:
+    """One user turn (audio, then prompt text) and, for training, the assistant's caption."""
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": prompt}]}
+    ]
+    if caption is not None:
+        messages.append({"role": "assistant", "content": caption})
+    return messages
+
+
+@functools.lru_cache(maxsize=4)
+def load_processor(name_or_path: str):
+    """One processor per process (Ray reuses worker processes across tasks)."""
+    return AutoProcessor.from_pretrained(name_or_path)
+
+
+class Featurizer:
+    """Builds per-clip model inputs; the training collate only stacks and pads them."""
+
+    def __init__(self, processor, prompt: str):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.prompt = prompt
+        self.audio_token_id = processor.audio_token_id
+        self.eos_token_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.pad_token_id = self.tokenizer.pad_token_id
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, prompt: str) -> "Featurizer":
+        return cls(load_processor(name_or_path), prompt)
+
+    def render(self, prompt: str | None = None, caption: str | None = None) -> str:
+        """Chat text: with a caption, the whole exchange; without, the prompt ready for generation."""
+        return self.processor.apply_chat_template(
+            conversation(prompt or self.prompt, caption), tokenize=False, add_generation_prompt=caption is None
+        )
+
+    def _single(self, waveform: np.ndarray, text: str) -> dict[str, np.ndarray]:
+        out = self.processor(text=[text], audio=[waveform])
+        return {
+            "input_ids": out["input_ids"][0].numpy().astype(np.int32),
+            "input_features": out["input_features"].numpy(),
+            "input_features_mask": out["input_features_mask"].numpy().astype(bool),
+        }
+
+    def training_example(self, waveform: np.ndarray, caption: str, prompt: str | None = None) -> dict[str, Any]:
+        """input_ids, labels (-100 outside the caption + <|im_end|>), log-mel windows and their mask."""
+        caption = caption.strip()
+        if not caption:
+            raise ClipError("empty_caption", "the caption is empty")
+        example = self._single(waveform, self.render(prompt, caption))
+        ids = example["input_ids"]
+        n_sound = int((ids == self.audio_token_id).sum())
+        prefix = self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
+        expanded = []
+        for t in prefix:
+            expanded.extend([t] * n_sound if t == self.audio_token_id else [t])
+        n_prefix = len(expanded)
+        if ids[:n_prefix].tolist() != expanded:
+            raise RuntimeError("the chat template's prompt is not a token prefix of the full exchange; "
+                               "labels cannot be placed")
+        end = n_prefix + int(np.argmax(ids[n_prefix:] == self.eos_token_id)) + 1
+        if ids[end - 1] != self.eos_token_id:
+            raise RuntimeError("the chat template does not close the assistant turn with <|im_end|>")
+        labels = np.full_like(ids, IGNORE_INDEX)
+        labels[n_prefix:end] = ids[n_prefix:end]
+        example["labels"] = labels
+        return example
+
+    def generation_inputs(self, waveform: np.ndarray, prompt: str | None = None) -> dict[str, np.ndarray]:
+        """Inputs for `generate`: the prompt with the generation prompt appended, no labels."""
+        return self._single(waveform, self.render(prompt))

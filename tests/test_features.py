@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from af3dist.data.audio import ClipError
+from af3dist.data.batching import bucket_batches, collate
+from af3dist.data.features import IGNORE_INDEX, Featurizer
+
+
+def _sound_tokens(n_samples: int) -> int:
+    """<sound> tokens for a clip, from NOTES.md: per 30 s window, L valid mel frames -> ((L-1)//2+1-2)//2+1."""
+    total, remaining = 0, n_samples
+    while remaining > 0:
+        frames = min(remaining, 480000) // 160
+        total += ((frames - 1) // 2 + 1 - 2) // 2 + 1
+        remaining -= 480000
+    return total
+
+
+@pytest.fixture(scope="module")
+def featurizer(processor):
+    return Featurizer(processor, "Describe the audio.")
+
+
+def test_labels_cover_exactly_the_caption_and_im_end(featurizer, processor):
+    wave = np.random.default_rng(0).standard_normal(16000 * 4).astype(np.float32) * 0.1
+    ex = featurizer.training_example(wave, "A dog barks twice.")
+    ids, labels = ex["input_ids"], ex["labels"]
+    kept = labels != IGNORE_INDEX
+    assert processor.tokenizer.decode(ids[kept]) == "A dog barks twice.<|im_end|>"
+    # one contiguous span, ending on <|im_end|>, preceded by the generation prompt
+    span = np.flatnonzero(kept)
+    assert (np.diff(span) == 1).all()
+    assert ids[span[-1]] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert processor.tokenizer.decode(ids[: span[0]]).endswith("<|im_start|>assistant\n")
+    assert (labels[ids == processor.audio_token_id] == IGNORE_INDEX).all()
+    assert (labels[ids == processor.tokenizer.convert_tokens_to_ids("<|im_start|>")] == IGNORE_INDEX).all()
+    assert (labels[kept] == ids[kept]).all()
+
+
+@pytest.mark.parametrize("seconds, windows", [(1.0, 1), (10.0, 1), (30.0, 1), (35.0, 2), (65.0, 3)])
+def test_feature_windows_and_sound_token_counts(featurizer, processor, seconds, windows):
+    n = int(16000 * seconds)
+    ex = featurizer.training_example(np.full(n, 0.01, dtype=np.float32), "A hum.")
+    assert ex["input_features"].shape == (windows, 128, 3000)
+    assert ex["input_features_mask"].shape == (windows, 3000)
+    assert ex["input_features_mask"].sum() == n // 160 or abs(ex["input_features_mask"].sum() - n // 160) <= windows
+    assert (ex["input_ids"] == processor.audio_token_id).sum() == _sound_tokens(n)
+    if seconds == 10.0:
+        assert _sound_tokens(n) == 250
+
+
+def test_empty_caption_is_a_clip_error(featurizer):
+    with pytest.raises(ClipError) as err:
+        featurizer.training_example(np.zeros(16000, dtype=np.float32), "  ")
+    assert err.value.reason == "empty_caption"
+
+
+def test_collate_pads_and_stacks(featurizer, processor):
+    rows = []
+    for seconds, caption in [(2.0, "A short beep."), (40.0, "A long and steady hum fills the room.")]:
+        ex = featurizer.training_example(np.full(int(16000 * seconds), 0.01, dtype=np.float32), caption)
+        ex["num_windows"], ex["num_tokens"] = ex["input_features"].shape[0], len(ex["input_ids"])
+        rows.append(ex)
+    batch = collate(rows, processor.tokenizer.pad_token_id)
+    longest = max(len(r["input_ids"]) for r in rows)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, longest)
+    assert batch["input_features"].shape == (3, 128, 3000) and batch["input_features_mask"].shape == (3, 3000)
+    short = len(rows[0]["input_ids"])
+    assert batch["attention_mask"][0].sum() == short
+    assert (batch["input_ids"][0, short:] == processor.tokenizer.pad_token_id).all()
+    assert (batch["labels"][0, short:] == IGNORE_INDEX).all()
+
+
+def test_bucketing_groups_similar_lengths_deterministically():
+    rows = [{"num_windows": 1 + (i % 3 == 0), "num_tokens": 10 + (i * 37) % 100, "i": i} for i in range(40)]
+    pools = [rows[:20], rows[20:]]
+    a = [[r["i"] for r in b] for b in bucket_batches(pools, 4, seed=1)]
+    b = [[r["i"] for r in b] for b in bucket_batches(pools, 4, seed=1)]
+    c = [[r["i"] for r in b] for b in bucket_batches(pools, 4, seed=2)]
+    assert a == b and a != c
+    assert sorted(sum(a, [])) == list(range(40))
+    for batch in bucket_batches(pools, 4, seed=1):  # within a batch, windows agree and token counts are close
+        assert len({r["num_windows"] for r in batch}) <= 1 or max(r["num_tokens"] for r in batch) < 200

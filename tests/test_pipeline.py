@@ -1,0 +1,154 @@
+"""The Ray Data pipeline end to end on a local Ray instance over generated shards, and with planted bad rows."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import soundfile as sf
+
+from af3dist.data.errors import DataQualityError, ErrorLedger
+from af3dist.data.features import IGNORE_INDEX
+from af3dist.data.pipeline import build_dataset
+from af3dist.data.run import run_data_pipeline
+from af3dist.data.source import read_references, split_files
+from af3dist.data.synthetic import encode_audio
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _ids(ds) -> list[str]:
+    return [r["id"] for r in ds.select_columns(["id"]).take_all()]
+
+
+def test_split_files_and_reference_grouping(synthetic_dir):
+    files = split_files(synthetic_dir, "validation")
+    assert [Path(p).name for p in files.paths] == ["validation-00000-of-00002.parquet",
+                                                   "validation-00001-of-00002.parquet"]
+    refs = read_references(synthetic_dir, "validation")
+    assert len(refs) == 6
+    for clip in refs.values():
+        assert len(clip["references"]) == 5 and len(set(clip["references"])) == 5
+    with pytest.raises(FileNotFoundError, match="no shards for split 'dev'"):
+        split_files(synthetic_dir, "dev")
+
+
+def test_every_training_row_comes_through_model_ready(tiny_config, processor):
+    table = pa.concat_tables([pq.read_table(p) for p in split_files(tiny_config.data.source, "train").paths])
+    ds = build_dataset(tiny_config.data, tiny_config.model.name_or_path, "train")
+    rows = ds.take_all()
+    assert sorted(r["id"] for r in rows) == sorted(str(i) for i in table["audiocap_id"].to_pylist())
+    captions = dict(zip((str(i) for i in table["audiocap_id"].to_pylist()), table["caption"].to_pylist()))
+    for r in rows:
+        ids, labels = np.asarray(r["input_ids"]), np.asarray(r["labels"])
+        target = processor.tokenizer.decode(ids[labels != IGNORE_INDEX])
+        assert target == captions[r["id"]].strip() + "<|im_end|>"
+        assert r["input_features"].shape == (r["num_windows"], 128, 3000)
+        assert r["num_windows"] == int(np.ceil(r["duration_s"] / 30.0))
+    assert max(r["num_windows"] for r in rows) >= 2  # the clip over 30 s
+
+
+def test_shuffle_is_deterministic_from_the_seed(tiny_config):
+    cfg = tiny_config.data.model_copy(update={"seed": 5})
+    first = _ids(build_dataset(cfg, tiny_config.model.name_or_path, "train"))
+    again = _ids(build_dataset(cfg, tiny_config.model.name_or_path, "train"))
+    assert first == again
+
+
+def test_evaluation_split_keeps_one_row_per_clip(tiny_config):
+    refs = read_references(tiny_config.data.source, "test")
+    keep = frozenset(c["first_id"] for c in refs.values())
+    rows = build_dataset(tiny_config.data, tiny_config.model.name_or_path, "test", keep_ids=keep).take_all()
+    assert sorted(r["clip_id"] for r in rows) == sorted(refs)
+
+
+def test_run_summary(tiny_config):
+    summary = run_data_pipeline(tiny_config, batch_size=4)
+    assert summary["clips"] == 24 and summary["rows_dropped"] == 0 and summary["batches"] == 6
+    assert summary["example_target"].endswith("<|im_end|>")
+    assert Path(summary["errors_file"]).read_text() == ""
+
+
+# ---------------------------------------------------------------- planted bad data
+
+def _wav(samples, sr=16000, subtype="PCM_16") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, sr, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+def _bad_rows() -> list[tuple[str, bytes | None, str]]:
+    """(expected reason, audio bytes, caption) for every kind of broken row."""
+    tone = (0.3 * np.sin(np.arange(16000 * 3) / 5.0)).astype(np.float32)
+    flac = encode_audio(tone[:, None], 16000, "flac")
+    wav = _wav(tone)
+    mp3 = encode_audio(tone[:, None], 16000, "mp3")
+    nan = tone.copy()
+    nan[500:900] = np.nan
+    return [
+        ("corrupt", b"fLaC" + bytes(range(256)) * 20, "A corrupt flac"),
+        ("corrupt", flac[: len(flac) // 3], "A truncated flac"),
+        ("corrupt", wav[: len(wav) // 2], "A truncated wav"),
+        ("corrupt", mp3[: len(mp3) // 2], "A truncated mp3"),
+        ("empty_audio", _wav(np.zeros(0, dtype=np.float32)), "Nothing at all"),
+        ("non_finite", _wav(nan, subtype="FLOAT"), "Broken samples"),
+        ("non_finite", _wav(np.full(16000, np.inf, dtype=np.float32), subtype="FLOAT"), "All infinite"),
+        ("empty_caption", wav, "   "),
+        ("unsupported_codec", b"\x00\x00\x00\x20ftypM4A " + bytes(2000), "An AAC file"),
+        ("too_long", encode_audio(np.zeros((16000 * 70, 1), np.float32) + 0.01, 16000, "flac"), "A long hum"),
+        ("missing_audio", None, "No bytes"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def planted_dir(synthetic_dir, tmp_path_factory):
+    """The synthetic train split with every kind of broken row planted into both shards."""
+    out = tmp_path_factory.mktemp("planted") / "audiocaps"
+    (out / "data").mkdir(parents=True)
+    bad = _bad_rows()
+    for shard_index, path in enumerate(split_files(synthetic_dir, "train").paths):
+        table = pq.read_table(path)
+        rows = table.to_pylist()
+        for k, (reason, data, caption) in enumerate(bad):
+            rows.insert((k * 3) % len(rows), {
+                "audio": None if data is None else {"bytes": data, "path": f"bad_{k}.bin"},
+                "caption": caption, "audiocap_id": 900000 + 100 * shard_index + k,
+                "youtube_id": f"bad{shard_index}_{k:07d}", "start_time": 0})
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), out / "data" / Path(path).name)
+    return str(out)
+
+
+def test_bad_rows_are_dropped_counted_and_listed(tiny_config, planted_dir):
+    cfg = tiny_config.data.model_copy(update={"source": planted_dir, "error_rate_ceiling": 1.0})
+    ledger = ErrorLedger.remote(1.0, 1)
+    ids = _ids(build_dataset(cfg, tiny_config.model.name_or_path, "train", ledger=ledger))
+    good = [str(r) for p in split_files(planted_dir, "train").paths
+            for r in pq.read_table(p, columns=["audiocap_id"])["audiocap_id"].to_pylist() if r < 900000]
+    assert sorted(ids) == sorted(good)
+
+    expected: dict[str, int] = {}
+    for reason, _, _ in _bad_rows():
+        expected[reason] = expected.get(reason, 0) + 2  # planted in both shards
+    summary = ray.get(ledger.get_summary.remote())
+    assert summary["dropped_by_reason"] == expected
+    assert summary["rows_seen"] == len(good) + sum(expected.values())
+
+
+def test_errors_file_and_ceiling(tiny_config, planted_dir):
+    ok = tiny_config.model_copy(update={"data": tiny_config.data.model_copy(
+        update={"source": planted_dir, "error_rate_ceiling": 0.9})})
+    summary = run_data_pipeline(ok, batch_size=4)
+    lines = [json.loads(l) for l in Path(summary["errors_file"]).read_text().splitlines()]
+    assert len(lines) == summary["rows_dropped"] == 22 and summary["clips"] == 24
+    assert {l["reason"] for l in lines} == {r for r, _, _ in _bad_rows()}
+    assert all(l["id"].startswith("900") and l["split"] == "train" and l["detail"] for l in lines)
+
+    strict = ok.model_copy(update={"data": ok.data.model_copy(update={"error_rate_ceiling": 0.2,
+                                                                      "min_rows_before_ceiling": 10})})
+    with pytest.raises(DataQualityError, match=r"over the error-rate ceiling of 20% .*corrupt=\d+"):
+        run_data_pipeline(strict, batch_size=4)
+    assert Path(strict.output_dir, "data_errors.jsonl").read_text().strip()
