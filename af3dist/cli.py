@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from af3dist.config import Config, ConfigError, load_config, preset_names
 
@@ -56,6 +57,37 @@ def _data(args: argparse.Namespace) -> None:
                                     limit=args.limit))
 
 
+def _train(args: argparse.Namespace) -> None:
+    import json
+
+    from af3dist.training.finetune import finetune
+
+    print(json.dumps(finetune(config_from_args(args)), indent=2, default=str))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from af3dist.evaluate import evaluate
+
+    cfg = config_from_args(args)
+    out = args.out or str(Path(cfg.output_dir) / "eval")
+    print(json.dumps(evaluate(cfg, args.model or cfg.model.name_or_path, out, adapter=args.adapter,
+                              split=args.split, limit=args.limit, batch_size=args.batch_size), indent=2))
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from af3dist.model.merge import merge_adapter
+
+    print(f"merged model written to {merge_adapter(args.adapter, args.out, base=args.base)}")
+
+
+def _main_job(args: argparse.Namespace) -> None:
+    from af3dist.recipe import run_main
+
+    run_main(config_from_args(args), limit=args.limit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="af3dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +114,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="stop after this many clips")
     p.set_defaults(func=_data)
+
+    p = sub.add_parser("train", help="LoRA fine-tuning with Ray Train + DeepSpeed (resumes a rerun)")
+    add_config_args(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="caption a split with any model folder and score it")
+    add_config_args(p)
+    p.add_argument("--model", help="base, merged or adapter folder / hub id (default: model.name_or_path)")
+    p.add_argument("--adapter", help="a LoRA adapter folder to apply on --model")
+    p.add_argument("--split", help="default: data.test_split")
+    p.add_argument("--out", help="where metrics.json and predictions.jsonl go (default: <output_dir>/eval)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N clips")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base as a plain transformers folder")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--base", help="default: the base recorded in the adapter")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_merge)
+
+    p = sub.add_parser("main", help="the main job: evaluate base, fine-tune, merge, evaluate, compare")
+    add_config_args(p)
+    p.add_argument("--limit", type=int, help="evaluate only the first N test clips")
+    p.set_defaults(func=_main_job)
     return parser
 
 

@@ -92,6 +92,46 @@ class DataConfig(_Section):
     _expand = field_validator("source")(lambda cls, v: expand_path(v))
 
 
+class LoraConfig(_Section):
+    """LoRA on the language model only; the upstream target names also match the Whisper encoder's
+    q/k/v projections, so targets are scoped to `scope` unless it is widened on purpose."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    scope: Literal["language_model", "language_model+audio_tower"] = "language_model"
+    train_projector: bool = True  # the projector becomes a fully trained module (modules_to_save)
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    max_steps: int = Field(150, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    lr_schedule: Literal["cosine", "linear"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+    zero_stage: Literal[2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=1, description="validation loss and caption metrics every N steps")
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="top K by validation loss")
+    eval_caption_clips: int = Field(16, ge=0, description="validation clips captioned for metrics")
+    max_new_tokens: int = Field(32, ge=1)
+    max_failures: int = Field(2, ge=0, description="worker failures survived by restoring the last checkpoint")
+    run_name: str | None = None  # default: the output dir's name
+    storage_path: str | None = None  # default: <output_dir>/ray_results; a URI (s3://...) on clusters
+    push_to_hub: str | None = None  # repo id; needs HF_TOKEN
+    seed: int = 0
+
+
 class RayConfig(_Section):
     address: str | None = None  # None: join RAY_ADDRESS if set, else start a local instance
     num_cpus: int | None = Field(None, ge=1, description="only for a local instance")
@@ -100,6 +140,8 @@ class RayConfig(_Section):
 class Config(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     output_dir: str = "outputs/run"
 

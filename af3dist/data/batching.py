@@ -62,3 +62,25 @@ def collate(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
         np.concatenate([np.asarray(r["input_features_mask"]) for r in rows]).astype(np.int32))
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "input_features": features, "input_features_mask": features_mask}
+
+
+def collate_prompts(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Generation inputs: each row's prompt (everything before its labelled caption, or all of input_ids
+    when the row has no labels), LEFT-padded as generation needs, with the rows' audio windows."""
+    prompts = []
+    for r in rows:
+        ids = np.asarray(r["input_ids"], dtype=np.int64)
+        labels = np.asarray(r["labels"]) if "labels" in r else np.full(len(ids), IGNORE_INDEX)
+        start = int(np.argmax(labels != IGNORE_INDEX)) if (labels != IGNORE_INDEX).any() else len(ids)
+        prompts.append(ids[:start])
+    longest = max(len(p) for p in prompts)
+    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, longest - len(p):] = torch.from_numpy(p)
+        attention_mask[i, longest - len(p):] = 1
+    features = torch.from_numpy(np.concatenate([np.asarray(r["input_features"]) for r in rows]))
+    features_mask = torch.from_numpy(
+        np.concatenate([np.asarray(r["input_features_mask"]) for r in rows]).astype(np.int32))
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "input_features": features, "input_features_mask": features_mask}

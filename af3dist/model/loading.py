@@ -1,0 +1,76 @@
+"""Load AF3 (base, base + LoRA adapter, or merged) and prepare it for LoRA fine-tuning.
+
+The same functions load the hub checkpoint and the tiny stand-in: `from_pretrained` on a name or path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import AudioFlamingo3ForConditionalGeneration
+
+from af3dist.config import LoraConfig
+
+PROJECTOR = "multi_modal_projector"
+ADAPTER_CONFIG = "adapter_config.json"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16}
+
+
+def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
+    """`auto` is bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow and lossy for tiny models)."""
+    if name == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return _DTYPES[name]
+
+
+def is_adapter(path: str) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str) -> str:
+    """The base model an adapter folder was trained on, as recorded in its adapter_config.json."""
+    return json.loads((Path(path) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, adapter: str | None = None):
+    """A base or merged model, or base + adapter (peft) when `adapter` is given or the path is an adapter."""
+    if adapter is None and is_adapter(name_or_path):
+        adapter, name_or_path = name_or_path, adapter_base(name_or_path)
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    return model
+
+
+def lora_target_pattern(cfg: LoraConfig) -> str:
+    """A peft `target_modules` regex (matched in full against module names) limited to cfg.scope."""
+    scopes = ["language_model"] + (["audio_tower"] if cfg.scope == "language_model+audio_tower" else [])
+    names = "|".join(re.escape(m) for m in cfg.target_modules)
+    return rf".*\.({'|'.join(scopes)})\..*\.({names})"
+
+
+def add_lora(model: AudioFlamingo3ForConditionalGeneration, cfg: LoraConfig) -> PeftModel:
+    """Freeze everything, then add LoRA to the scoped targets and (optionally) train the projector fully."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+        target_modules=lora_target_pattern(cfg),
+        modules_to_save=[PROJECTOR] if cfg.train_projector else None,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant checkpointing with input grads on: the combination that works with frozen
+    embeddings under PEFT (reentrant checkpointing sees no tensor requiring grad and drops the graph)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False

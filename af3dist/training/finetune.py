@@ -1,0 +1,174 @@
+"""The fine-tuning driver: validate the run, build the data pipeline, launch Ray Train, export outputs.
+
+`finetune(cfg)` is what `ray_jobs/finetune.py` and `af3dist train` run. Rerunning it with the same
+output dir (same run name and storage path) resumes from the last checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import ray
+import yaml
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from af3dist.assets import prepare_embedded
+from af3dist.cluster import init_ray
+from af3dist.config import Config, ConfigError, dump_config
+from af3dist.data.errors import ErrorCounts, ErrorLedger
+from af3dist.data.pipeline import build_dataset
+from af3dist.data.source import read_references
+from af3dist.training.loop import train_loop_per_worker
+from af3dist.training.state import ADAPTER_DIR, join
+
+log = logging.getLogger(__name__)
+
+RESOLVED_CONFIG = "config.yaml"
+# Settings that may change between a run and its resumption without making it another run.
+_RESUMABLE_SECTIONS = ("ray",)
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.train.run_name or Path(cfg.output_dir.rstrip("/")).name
+
+
+def storage_path(cfg: Config) -> str:
+    return cfg.train.storage_path or join(os.path.abspath(cfg.output_dir) if "://" not in cfg.output_dir
+                                          else cfg.output_dir, "ray_results")
+
+
+def _comparable(cfg_dict: dict) -> dict:
+    return {k: v for k, v in cfg_dict.items() if k not in _RESUMABLE_SECTIONS}
+
+
+def check_run(cfg: Config) -> None:
+    """Fail in the driver, before any worker starts, on what would otherwise fail late or hang."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(cfg.model.name_or_path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path: cannot load {cfg.model.name_or_path!r} "
+                          f"(not a model folder or reachable hub id): {str(e).splitlines()[0]}") from None
+    tc = cfg.train
+    resources = ray.cluster_resources()
+    if tc.use_gpu and resources.get("GPU", 0) < tc.num_workers:
+        raise ConfigError(f"train.use_gpu: {tc.num_workers} workers need {tc.num_workers} GPUs but the Ray "
+                          f"cluster has {resources.get('GPU', 0):g}; set train.use_gpu=false or add GPU nodes")
+    if tc.num_workers * tc.cpus_per_worker > resources.get("CPU", 0):
+        raise ConfigError(f"train.num_workers x train.cpus_per_worker = {tc.num_workers * tc.cpus_per_worker:g} "
+                          f"CPUs, but the Ray cluster has {resources.get('CPU', 0):g}")
+    previous = Path(cfg.output_dir, RESOLVED_CONFIG)
+    if "://" not in cfg.output_dir and previous.is_file():
+        old = yaml.safe_load(previous.read_text()) or {}
+        new = yaml.safe_load(dump_config(cfg))
+        if _comparable(old) != _comparable(new):
+            changed = sorted(f"{s}.{k}" for s in new if s not in _RESUMABLE_SECTIONS and isinstance(new[s], dict)
+                             for k in new[s] if (old.get(s) or {}).get(k) != new[s][k])
+            changed += sorted(s for s in new if not isinstance(new[s], dict) and old.get(s) != new[s])
+            raise ConfigError(f"output_dir {cfg.output_dir!r} holds another run (its {RESOLVED_CONFIG} differs in "
+                              f"{', '.join(changed) or 'structure'}); choose another --output-dir, or delete it "
+                              f"to start over")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _copy_folder_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
+def build_datasets(cfg: Config, ledgers: dict) -> tuple[dict, dict[str, list[str]]]:
+    """train / validation (loss) / val_clips (one row per clip, for caption metrics) and their references."""
+    model = cfg.model.name_or_path
+    references = read_references(cfg.data.source, cfg.data.eval_split)
+    clips = sorted(references)[: cfg.train.eval_caption_clips]
+    keep = frozenset(references[c]["first_id"] for c in clips)
+    datasets = {
+        "train": build_dataset(cfg.data, model, cfg.data.train_split, ledger=ledgers["train"]),
+        "validation": build_dataset(cfg.data, model, cfg.data.eval_split, ledger=ledgers["validation"]),
+        "val_clips": build_dataset(cfg.data, model, cfg.data.eval_split, keep_ids=keep),
+    }
+    return datasets, {c: references[c]["references"] for c in clips}
+
+
+def _push_to_hub(cfg: Config, adapter_dir: Path) -> str | None:
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        log.warning("train.push_to_hub is set but HF_TOKEN is not: not pushing")
+        return None
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(cfg.train.push_to_hub, exist_ok=True)
+    api.upload_folder(repo_id=cfg.train.push_to_hub, folder_path=str(adapter_dir))
+    return cfg.train.push_to_hub
+
+
+def finetune(cfg: Config) -> dict:
+    """Run (or resume) LoRA fine-tuning; returns a summary with the final adapter's path and metrics."""
+    prepare_embedded(cfg)
+    init_ray(cfg.ray)
+    check_run(cfg)
+    if "://" not in cfg.output_dir:
+        _write_text_atomic(Path(cfg.output_dir, RESOLVED_CONFIG), dump_config(cfg))
+
+    tc = cfg.train
+    ledgers = {split: ErrorLedger.remote(cfg.data.error_rate_ceiling, cfg.data.min_rows_before_ceiling)
+               for split in ("train", "validation")}
+    datasets, references = build_datasets(cfg, ledgers)
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "references": references},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name(cfg),
+            storage_path=storage_path(cfg),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints,
+                                               checkpoint_score_attribute="eval_loss",
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split="all"),
+    )
+    result = trainer.fit()
+
+    errors = ErrorCounts()
+    for split, ledger in ledgers.items():
+        part = ray.get(ledger.get_summary.remote())
+        rows = ray.get(ledger.__ray_call__.remote(lambda self: self.rows))
+        errors.record(part["rows_seen"], rows)
+    errors_file = errors.write(join(cfg.output_dir, "data_errors.jsonl"))
+
+    summary: dict = {"output_dir": cfg.output_dir, "run": run_name(cfg), "storage_path": storage_path(cfg),
+                     "metrics": result.metrics, "data": {**errors.summary(), "errors_file": errors_file}}
+    if result.checkpoint is not None and "://" not in cfg.output_dir:
+        adapter_dir = Path(cfg.output_dir, ADAPTER_DIR)
+        with result.checkpoint.as_directory() as folder:
+            _copy_folder_atomic(Path(folder, ADAPTER_DIR), adapter_dir)
+        summary["adapter"] = str(adapter_dir)
+        summary["checkpoint"] = result.checkpoint.path
+        if tc.push_to_hub:
+            summary["pushed_to"] = _push_to_hub(cfg, adapter_dir)
+    best = getattr(result, "best_checkpoints", None) or []
+    if best:
+        summary["best_checkpoint"] = min(best, key=lambda cm: cm[1].get("eval_loss", float("inf")))[0].path
+    return summary

@@ -1,0 +1,82 @@
+"""What a training checkpoint holds beyond DeepSpeed's own state, and the run's metrics log."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import fsspec
+
+TRAINER_STATE = "trainer_state.json"
+ADAPTER_DIR = "adapter"
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+
+
+@dataclass
+class TrainerState:
+    """Where training stands: optimizer step and the data position inside the current epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of this worker's shard already consumed this epoch
+    samples_seen: int = 0
+    metrics: dict = field(default_factory=dict)
+
+    def save(self, folder: Path) -> None:
+        (folder / TRAINER_STATE).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> "TrainerState":
+        return cls(**json.loads((folder / TRAINER_STATE).read_text()))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join a local path or URI."""
+    if "://" in base:
+        return "/".join([base.rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per event, rewritten whole so a reader never sees half a line)
+    plus TensorBoard scalars. After a resume, entries past the restored step are dropped."""
+
+    def __init__(self, output_dir: str, resume_step: int = 0):
+        self.path = join(output_dir, "metrics.jsonl")
+        self.records: list[dict] = []
+        fs, path = fsspec.core.url_to_fs(self.path)
+        if fs.exists(path):
+            with fs.open(path, "r") as f:
+                self.records = [r for r in map(json.loads, f.read().splitlines()) if r.get("step", 0) <= resume_step]
+        self.writer = None
+        if "://" not in output_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(Path(output_dir, "tensorboard")), purge_step=resume_step + 1)
+            except ImportError:  # tensorboard is optional
+                self.writer = None
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        text = "".join(json.dumps(r) + "\n" for r in self.records)
+        if "://" in self.path:
+            with fsspec.open(self.path, "w") as f:
+                f.write(text)
+        else:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{self.path}.tmp-{os.getpid()}"
+            Path(tmp).write_text(text)
+            os.replace(tmp, self.path)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
