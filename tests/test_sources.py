@@ -1,10 +1,10 @@
 """Remote shard sources through the production path (url_to_fs -> glob -> PyFileSystem(FSSpecHandler) -> Ray Data).
 
 hf:// runs the real `HfFileSystem` against `FakeHub`, a local HTTP stand-in for the three Hub endpoints it calls
-(repo info, tree listing, file resolve with byte ranges): only the network is replaced. s3:// runs s3fs against a
-moto server. In both cases the endpoint reaches the filesystem through fsspec's config (`fsspec.config.conf`,
-the in-process form of the FSSPEC_<PROTOCOL>_<KWARG> variables), so it is one of the filesystem's
-storage options and travels with it when Ray pickles it to its workers: nothing has to be set in their environment.
+(repo info, tree listing, file download with byte ranges): only the network is replaced. s3:// runs s3fs against
+a moto server. The endpoints reach the filesystems through fsspec's config (`fsspec.config.conf`, the in-process
+form of the FSSPEC_<PROTOCOL>_<KWARG> variables), so they are storage options of the filesystem object and travel
+with it when Ray pickles it into its tasks: the S3 read needs nothing in the workers' environment.
 """
 
 import json
@@ -20,7 +20,6 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import fsspec
-import fsspec.implementations.local  # noqa: F401  until source.py imports it (test_arrow_filesystem_in_a_fresh_process)
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -29,7 +28,7 @@ import ray
 from huggingface_hub import HfFileSystem
 from huggingface_hub import constants as hf_constants
 
-from af3dist.data.pipeline import build_dataset, read_split
+from af3dist.data.pipeline import build_dataset
 from af3dist.data.source import AUDIOCAPS_COLUMNS, read_references, split_files
 
 REPO = "OpenSound/AudioCaps"
@@ -60,7 +59,7 @@ class FakeHub:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self):
         self.server.shutdown()
@@ -237,8 +236,6 @@ def test_no_shards_on_the_hub_is_a_clear_error(fake_hub):
 MISSING_LOCAL = "AttributeError: module 'fsspec.implementations' has no attribute 'local'"
 
 
-@pytest.mark.xfail(raises=AttributeError, strict=True,
-                   reason="SplitFiles.arrow_filesystem uses fsspec.implementations.local without importing it")
 def test_arrow_filesystem_in_a_fresh_process(fake_hub):
     """The test session imported fsspec.implementations.local long ago (local paths); a real hf:// run may not."""
     code = ("from af3dist.data.source import split_files\n"
@@ -267,6 +264,7 @@ def moto_endpoint():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+    fsspec.get_filesystem_class("s3").clear_instance_cache()  # clients of a server that is gone
 
 
 @pytest.fixture(scope="module")
@@ -324,38 +322,36 @@ def test_s3_source_end_to_end(tiny_config, s3_source, synthetic_dir):
 
 # ---------------------------------------------------------------- hf:// end to end through Ray Data
 
-@pytest.fixture
-def ray_hub_reachable():
-    """Ray with HF_HUB_OFFLINE=0 in its workers, then the session's Ray as conftest's `ray_local` starts it.
+@pytest.mark.usefixtures("ray_local")
+def test_hub_source_end_to_end_through_ray_data(monkeypatch, tiny_config, synthetic_dir):
+    """The synthetic shards, served only on refs/pr/3, read by Ray Data's tasks over HTTP.
 
-    conftest sets HF_HUB_OFFLINE=1 before Ray starts, and huggingface_hub refuses every request in an offline
-    process, the local FakeHub's included. A worker's environment is fixed when Ray starts, so Ray is restarted.
+    conftest sets HF_HUB_OFFLINE=1 before the session's Ray starts, so its workers refuse every hub request,
+    this local hub's included, and a worker's environment is fixed when it starts. Rather than restart the
+    shared Ray, `read_split` runs unchanged in a task whose runtime_env turns the hub back on and sets the
+    endpoint the way an operator would (FSSPEC_HF_ENDPOINT); the Ray Data tasks it starts inherit that
+    runtime_env. Rows come back only if every one of them resolved the revision and reached this hub.
     """
-    was_running = ray.is_initialized()
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "0"}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if was_running:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-
-
-def test_hub_source_end_to_end_through_ray_data(monkeypatch, ray_hub_reachable, tiny_config, synthetic_dir):
-    """The synthetic shards served only on refs/pr/3: rows come back only if every worker resolves the revision."""
     shards = {f"data/{p.name}": p.read_bytes() for p in Path(synthetic_dir, "data").glob("*.parquet")}
     hub = _serve(monkeypatch, {REPO: {"main": {"README.md": b"# nothing here"}, "refs/pr/3": shards}})
     try:
         source = HUB_URL + "@refs%2Fpr%2F3"
         cfg = tiny_config.data.model_copy(update={"source": source})
-        rows = [dict(r) for r in read_split(cfg, "train").take_all()]
+
+        def read_split_rows(cfg, split: str) -> list[dict]:  # local, so pickled by value: workers lack tests/
+            from af3dist.data.pipeline import read_split
+
+            return [dict(r) for r in read_split(cfg, split).take_all()]
+
+        online = {"env_vars": {"HF_HUB_OFFLINE": "0", "FSSPEC_HF_ENDPOINT": hub.url}}
+        task = ray.remote(read_split_rows).options(num_cpus=0, runtime_env=online, max_retries=0)
+        rows = ray.get(task.remote(cfg, "train"), timeout=300)
         key = lambda r: r["audiocap_id"]  # noqa: E731
         assert sorted(rows, key=key) == sorted(_local_rows(synthetic_dir, "train", AUDIOCAPS_COLUMNS), key=key)
-        downloads = [p for _, p, _, _ in hub.requests if "/resolve/" in p]
-        assert {p.removeprefix(f"/datasets/{REPO}/resolve/refs%2Fpr%2F3/") for p in downloads} == {
+        downloads = [(p, rng) for _, p, _, rng in hub.requests if "/resolve/" in p]
+        assert {p.removeprefix(f"/datasets/{REPO}/resolve/refs%2Fpr%2F3/") for p, _ in downloads} == {
             p for p in shards if p.startswith("data/train-")}
+        assert any(rng for _, rng in downloads)  # parquet footers are read as byte ranges
 
         refs = read_references(source, "validation")
         assert refs == read_references(synthetic_dir, "validation")
@@ -363,4 +359,3 @@ def test_hub_source_end_to_end_through_ray_data(monkeypatch, ray_hub_reachable, 
     finally:
         hub.close()
         HfFileSystem.clear_instance_cache()
-

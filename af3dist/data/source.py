@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import fsspec
 import pyarrow.fs as pafs
+from fsspec.implementations.local import LocalFileSystem
 import pyarrow.parquet as pq
 
 AUDIOCAPS_COLUMNS = ["audio", "caption", "audiocap_id", "youtube_id", "start_time"]
@@ -29,7 +30,7 @@ class SplitFiles:
 
     def arrow_filesystem(self) -> pafs.FileSystem:
         """A pyarrow filesystem for Ray Data: native for local disk, fsspec-backed for everything else."""
-        if isinstance(self.filesystem, fsspec.implementations.local.LocalFileSystem):
+        if isinstance(self.filesystem, LocalFileSystem):
             return pafs.LocalFileSystem()
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.filesystem))
 

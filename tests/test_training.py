@@ -1,0 +1,174 @@
+"""Fine-tuning end to end on a local Ray instance: 2 CPU workers, a real DeepSpeed engine, real checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
+
+from af3dist.config import ConfigError, load_config
+from af3dist.training.finetune import check_run, finetune, storage_path
+
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
+
+QUICK = ["train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=1",
+         "train.eval_caption_clips=4", "train.max_new_tokens=8", "train.warmup_steps=1"]
+
+
+def _cfg(tiny_config, *overrides):
+    from af3dist.config import apply_override, validate
+
+    data = tiny_config.model_dump(mode="json")
+    for o in [*QUICK, *overrides]:
+        apply_override(data, o)
+    return validate(data)
+
+
+def _records(cfg) -> list[dict]:
+    return [json.loads(l) for l in Path(cfg.output_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def _checkpoints(cfg) -> list[str]:
+    run = Path(storage_path(cfg), Path(cfg.output_dir).name)
+    return sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir()) if run.is_dir() else []
+
+
+def test_zero2_run_writes_a_loadable_adapter_curves_and_checkpoints(tiny_config):
+    cfg = _cfg(tiny_config)
+    summary = finetune(cfg)
+    out = Path(cfg.output_dir)
+    # the adapter loads the way the upstream guide's inference section loads it
+    base = AudioFlamingo3ForConditionalGeneration.from_pretrained(cfg.model.name_or_path)
+    model = PeftModel.from_pretrained(base, summary["adapter"])
+    assert AutoProcessor.from_pretrained(summary["adapter"]).audio_token_id == base.config.audio_token_id
+    weights = load_file(Path(summary["adapter"], "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # trained, not the zero init
+    assert not any("audio_tower" in k for k in weights)
+    assert isinstance(model, PeftModel)
+
+    records = _records(cfg)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6] and all("eval_cider_d" in r and "eval_loss" in r for r in evals)
+    assert all(r["samples_per_s"] > 0 and 0 <= r["data_wait_fraction"] <= 1 for r in records if r["kind"] == "train")
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert load_config(str(out / "config.yaml")).train.max_steps == 6
+    assert _checkpoints(cfg) == ["checkpoint_000003", "checkpoint_000006"]
+    assert summary["metrics"]["step"] == 6 and summary["data"]["rows_dropped"] == 0
+
+
+def test_zero3_adapter_holds_the_real_weights(tiny_config):
+    cfg = _cfg(tiny_config, "train.zero_stage=3", "train.max_steps=3", "train.checkpoint_every=3",
+               "train.eval_every=3", "train.eval_caption_clips=2")
+    summary = finetune(cfg)
+    weights = load_file(Path(summary["adapter"], "adapter_model.safetensors"))
+    reference = PeftModel.from_pretrained(
+        AudioFlamingo3ForConditionalGeneration.from_pretrained(cfg.model.name_or_path), summary["adapter"])
+    expected = {n: p.shape for n, p in reference.named_parameters() if "lora_" in n or "modules_to_save" in n}
+    assert len(weights) == len(expected) > 0
+    for key, tensor in weights.items():
+        assert tensor.numel() > 0, f"{key} was saved empty"
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
+    projector = [v for k, v in weights.items() if "multi_modal_projector" in k and k.endswith("weight")]
+    assert projector and all(v.dim() == 2 and v.abs().sum() > 0 for v in projector)
+
+
+def test_bad_runs_fail_before_any_worker_starts(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="train.zero_stage: Input should be 2 or 3"):
+        load_config("tiny", ["train.zero_stage=4"])
+    with pytest.raises(ConfigError, match="train.micro_batch_size"):
+        load_config("tiny", ["train.micro_batch_size=0"])
+    with pytest.raises(ConfigError, match="model.name_or_path: cannot load '/nonexistent/model'"):
+        check_run(_cfg(tiny_config, "model.name_or_path=/nonexistent/model"))
+    with pytest.raises(ConfigError, match="need 2 GPUs but the Ray cluster has 0"):
+        check_run(_cfg(tiny_config, "train.use_gpu=true"))
+    with pytest.raises(ConfigError, match="CPUs, but the Ray cluster has 2"):
+        check_run(_cfg(tiny_config, "train.cpus_per_worker=4"))
+    cfg = _cfg(tiny_config)
+    Path(cfg.output_dir).mkdir(parents=True)
+    Path(cfg.output_dir, "config.yaml").write_text(
+        Path(cfg.output_dir).joinpath("x").as_posix() and _cfg(tiny_config, "train.max_steps=99").model_dump_json())
+    with pytest.raises(ConfigError, match=r"holds another run .*train.max_steps"):
+        check_run(cfg)
+
+
+def _checkpoint_registered(cfg) -> bool:
+    """A checkpoint is resumable once the controller has recorded it in the run's snapshot."""
+    return bool(_checkpoints(cfg)) and Path(storage_path(cfg), Path(cfg.output_dir).name,
+                                            "checkpoint_manager_snapshot.json").is_file()
+
+
+def _train_worker_pids(since: float) -> list[int]:
+    """Training worker processes started after `since` (earlier runs' workers may still be exiting)."""
+    return [p.pid for p in psutil.process_iter(["cmdline", "create_time"])
+            if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker") and p.info["create_time"] >= since]
+
+
+def test_killed_worker_is_replaced_and_the_run_resumes(tiny_config):
+    cfg = _cfg(tiny_config, "train.max_steps=8", "train.checkpoint_every=2", "train.eval_every=4",
+               "train.max_failures=2")
+    killed: list[int] = []
+    started = time.time()
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 400
+        while time.time() < deadline and not _checkpoints(cfg):
+            time.sleep(0.5)
+        pids = _train_worker_pids(started)
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    summary = finetune(cfg)
+    killer.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    records = _records(cfg)
+    resumes = [r for r in records if r["kind"] == "resume"]
+    assert resumes and resumes[0]["step"] >= 2
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == sorted(steps) and steps[-1] == 8 and len(steps) == len(set(steps))
+    assert summary["metrics"]["step"] == 8
+
+
+DRIVER = """
+import sys
+from af3dist.config import validate
+import json
+from af3dist.training.finetune import finetune
+finetune(validate(json.loads(sys.argv[1])))
+"""
+
+
+def test_rerun_after_the_driver_died_resumes(tiny_config):
+    cfg = _cfg(tiny_config, "train.max_steps=8", "train.checkpoint_every=2", "train.eval_every=4")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-c", DRIVER, cfg.model_dump_json()]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while time.time() < deadline and not _checkpoint_registered(cfg) and first.poll() is None:
+        time.sleep(0.5)
+    assert _checkpoint_registered(cfg), "the first driver never checkpointed"
+    assert first.poll() is None, "the first driver finished before it could be killed"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    time.sleep(3)  # let Ray tear down the dead driver's trainer and workers
+
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    records = _records(cfg)
+    resumes = [r for r in records if r["kind"] == "resume"]
+    assert resumes and resumes[-1]["step"] >= 2
+    assert max(r["step"] for r in records if r["kind"] == "train") == 8
