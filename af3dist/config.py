@@ -46,6 +46,9 @@ class TinyModelConfig(_Section):
     text_heads: int = Field(4, ge=1)
     text_kv_heads: int = Field(2, ge=1)
     text_intermediate_size: int = Field(128, ge=8)
+    # A frozen random output head drawn at the usual 0.02 std caps every logit near 1, so no LoRA can make a
+    # token likely; a trained head has far more range. Drawing it wider makes the stand-in learnable.
+    output_init_std: float = Field(0.2, gt=0)
 
 
 class ModelConfig(_Section):

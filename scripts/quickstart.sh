@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec .venv/bin/af3dist data --config tiny "$@"
+exec .venv/bin/af3dist main --config tiny "$@"

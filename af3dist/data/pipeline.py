@@ -8,11 +8,12 @@ Rows that cannot become training examples are dropped and reported to an ErrorLe
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import numpy as np
 import ray
-from ray.data import Dataset, FileShuffleConfig
+from ray.data import Dataset
 
 from af3dist.config import DataConfig
 from af3dist.data.audio import TARGET_SAMPLING_RATE, ClipError, load_waveform
@@ -102,21 +103,27 @@ def featurize_rows(batch: dict[str, np.ndarray], *, processor: str, prompt: str,
     }
 
 
-def read_split(cfg: DataConfig, split: str, epoch: int = 0) -> Dataset:
-    """The split's raw AudioCaps rows, streamed; shard order shuffled from (seed, epoch) when configured.
+def read_split(cfg: DataConfig, split: str, epoch: int = 0, epochs: int = 1) -> Dataset:
+    """The split's raw AudioCaps rows, streamed, for `epochs` passes starting at pass `epoch`.
 
-    Output order is preserved, so the same seed and epoch give the same row order on every run.
+    Shard order is shuffled per pass from (seed, pass) when configured, and output order is preserved,
+    so a seed always gives the same row order. Several passes in one stream spare a trainer the
+    start-up of a new execution every epoch.
     """
     files = split_files(cfg.source, split)
-    shuffle = FileShuffleConfig(seed=cfg.seed + epoch, reseed_after_execution=False) if cfg.shuffle else None
-    ds = ray.data.read_parquet(files.paths, filesystem=files.arrow_filesystem(), columns=AUDIOCAPS_COLUMNS,
-                               shuffle=shuffle)
+    paths: list[str] = []
+    for e in range(epoch, epoch + epochs):
+        order = list(files.paths)
+        if cfg.shuffle:
+            random.Random(cfg.seed * 1_000_003 + e).shuffle(order)
+        paths.extend(order)
+    ds = ray.data.read_parquet(paths, filesystem=files.arrow_filesystem(), columns=AUDIOCAPS_COLUMNS)
     ds.context.execution_options.preserve_order = True
     return ds
 
 
 def build_dataset(cfg: DataConfig, processor: str, split: str, *, ledger=None,
-                  keep_ids: frozenset | None = None, epoch: int = 0) -> Dataset:
+                  keep_ids: frozenset | None = None, epoch: int = 0, epochs: int = 1) -> Dataset:
     """Model-ready examples of one split. `processor` is the model folder or hub id whose processor to use.
 
     `keep_ids` (audiocap_ids) restricts the rows, e.g. to one row per clip for evaluation.
@@ -125,7 +132,9 @@ def build_dataset(cfg: DataConfig, processor: str, split: str, *, ledger=None,
         batch_size=cfg.decode_batch_size, batch_format="numpy", num_cpus=cfg.cpus_per_data_task,
         concurrency=cfg.max_data_tasks,
     )
-    ds = read_split(cfg, split, epoch)
+    # Shards are read whole (one block per row group, often hundreds of clips); cut them into small
+    # blocks as they stream so decoding spreads over every CPU instead of one task per shard.
+    ds = read_split(cfg, split, epoch, epochs).repartition(target_num_rows_per_block=cfg.decode_batch_size)
     ds = ds.map_batches(decode_rows, fn_kwargs=dict(split=split, max_seconds=cfg.max_audio_seconds,
                                                     quality=cfg.resample_quality, keep_ids=keep_ids,
                                                     ledger=ledger), **stage_args)

@@ -49,6 +49,16 @@ def split_files(source: str, split: str) -> SplitFiles:
     return SplitFiles(source=source, split=split, filesystem=fs, paths=paths)
 
 
+def count_rows(source: str, split: str) -> int:
+    """Rows in a split, from the parquet footers only (no data is read)."""
+    files = split_files(source, split)
+    total = 0
+    for path in files.paths:
+        with files.filesystem.open(path, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
 def clip_key(youtube_id: str, start_time: int) -> str:
     """Clips are identified by (youtube_id, start_time): audiocap_id is unique per caption, not per clip."""
     return f"{youtube_id}_{int(start_time)}"

@@ -134,6 +134,8 @@ def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig, corpus: list[str
     )
     torch.manual_seed(cfg.seed)
     model = AudioFlamingo3ForConditionalGeneration(_model_config(cfg, tokenizer))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, cfg.output_init_std)
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     # The real checkpoint samples by default; keep that so callers must ask for greedy explicitly.
     model.generation_config = GenerationConfig(

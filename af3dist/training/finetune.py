@@ -7,6 +7,7 @@ output dir (same run name and storage path) resumes from the last checkpoint ins
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ from af3dist.cluster import init_ray
 from af3dist.config import Config, ConfigError, dump_config
 from af3dist.data.errors import ErrorCounts, ErrorLedger
 from af3dist.data.pipeline import build_dataset
-from af3dist.data.source import read_references
+from af3dist.data.source import count_rows, read_references
 from af3dist.training.loop import train_loop_per_worker
 from af3dist.training.state import ADAPTER_DIR, join
 
@@ -95,11 +96,16 @@ def _copy_folder_atomic(src: Path, dst: Path) -> None:
 def build_datasets(cfg: Config, ledgers: dict) -> tuple[dict, dict[str, list[str]]]:
     """train / validation (loss) / val_clips (one row per clip, for caption metrics) and their references."""
     model = cfg.model.name_or_path
+    tc = cfg.train
+    # One stream covers the whole run (plus a pass of slack for dropped rows and uneven splits).
+    rows = max(count_rows(cfg.data.source, cfg.data.train_split), 1)
+    per_step = tc.micro_batch_size * tc.grad_accum_steps * tc.num_workers
+    passes = math.ceil(tc.max_steps * per_step / rows) + 1
     references = read_references(cfg.data.source, cfg.data.eval_split)
     clips = sorted(references)[: cfg.train.eval_caption_clips]
     keep = frozenset(references[c]["first_id"] for c in clips)
     datasets = {
-        "train": build_dataset(cfg.data, model, cfg.data.train_split, ledger=ledgers["train"]),
+        "train": build_dataset(cfg.data, model, cfg.data.train_split, ledger=ledgers["train"], epochs=passes),
         "validation": build_dataset(cfg.data, model, cfg.data.eval_split, ledger=ledgers["validation"]),
         "val_clips": build_dataset(cfg.data, model, cfg.data.eval_split, keep_ids=keep),
     }
