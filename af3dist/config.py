@@ -26,10 +26,19 @@ class _Section(BaseModel):
 
 
 def expand_path(value: str) -> str:
-    """Expand `~` and `$VARS` in local paths; URLs (s3://, hf://, ...) pass through unchanged."""
+    """Local paths become absolute (`~` and `$VARS` expanded): Ray workers run in other directories.
+    URLs (s3://, hf://, ...) pass through unchanged."""
     if "://" in value:
         return value
-    return os.path.expanduser(os.path.expandvars(value))
+    return os.path.abspath(os.path.expanduser(os.path.expandvars(value)))
+
+
+def expand_model_path(value: str) -> str:
+    """A hub id (org/name) stays as it is; anything that looks like or is a local path is made absolute."""
+    expanded = os.path.expanduser(os.path.expandvars(value))
+    if "://" in value or not (os.path.exists(expanded) or value.startswith((".", "/", "~", "$"))):
+        return value
+    return os.path.abspath(expanded)
 
 
 class TinyModelConfig(_Section):
@@ -58,7 +67,7 @@ class ModelConfig(_Section):
     build_tiny: TinyModelConfig | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
-    _expand = field_validator("name_or_path")(lambda cls, v: expand_path(v))
+    _expand = field_validator("name_or_path")(lambda cls, v: expand_model_path(v))
 
 
 class SyntheticDataConfig(_Section):

@@ -50,3 +50,11 @@ def test_local_paths_expand_but_urls_do_not(monkeypatch):
     cfg = load_config("tiny", ["data.source=$AF3_TEST_ROOT/audiocaps"])
     assert cfg.data.source == "/data/x/audiocaps"
     assert load_config("tiny", ["data.source=s3://bucket/a"]).data.source == "s3://bucket/a"
+
+
+def test_relative_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny", ["output_dir=outputs/run", "model.name_or_path=./models/tiny"])
+    assert cfg.output_dir == str(tmp_path / "outputs" / "run")
+    assert cfg.model.name_or_path == str(tmp_path / "models" / "tiny")
+    assert load_config("af3").model.name_or_path == "nvidia/audio-flamingo-3-hf"  # a hub id stays one
