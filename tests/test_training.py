@@ -123,7 +123,7 @@ def test_killed_worker_is_replaced_and_the_run_resumes(tiny_config):
 
     def kill_after_first_checkpoint():
         deadline = time.time() + 400
-        while time.time() < deadline and not _checkpoints(cfg):
+        while time.time() < deadline and not _checkpoint_registered(cfg):
             time.sleep(0.5)
         pids = _train_worker_pids(started)
         if pids:
