@@ -503,7 +503,7 @@ def main() -> None:
     p.add_argument("--ray-block-mb", type=float, default=None,
                    help="Ray Data DataContext.target_max_block_size in MiB for the Ray runs (default: Ray's)")
     p.add_argument("--modes", default="bare,seed,ray_1,ray_n")
-    p.add_argument("--quiet-wait", type=float, default=60,
+    p.add_argument("--quiet-wait", type=float, default=30,
                    help="before each way, wait up to this many seconds for other load to drop")
     p.add_argument("--autogroup-nice", type=int, default=None,
                    help="Linux autogroup niceness for this run's session (restored at the end); with autogroup "
