@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from af3dist.data.features import load_processor
+from af3dist.fsutil import building_folder
 from af3dist.model.loading import adapter_base, load_model
 
 
@@ -22,14 +20,7 @@ def merge_adapter(adapter: str, out: str, base: str | None = None, dtype: torch.
     except (OSError, ValueError):
         processor = load_processor(base)
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    try:
+    with building_folder(out_path) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        os.replace(tmp, out_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_path

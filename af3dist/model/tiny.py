@@ -9,9 +9,6 @@ with the same special tokens, template shape and generation defaults as the real
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +25,7 @@ from transformers import (
 )
 
 from af3dist.config import TinyModelConfig
+from af3dist.fsutil import building_folder
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -143,16 +141,10 @@ def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig, corpus: list[str
         do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
     )
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with building_folder(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / MARKER_FILE).write_text(json.dumps(_marker(cfg, corpus), indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

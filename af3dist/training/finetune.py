@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import ray
@@ -23,6 +22,7 @@ from af3dist.cluster import init_ray
 from af3dist.config import Config, ConfigError, dump_config
 from af3dist.data.errors import ErrorCounts, ErrorLedger
 from af3dist.data.pipeline import build_dataset
+from af3dist.fsutil import building_folder
 from af3dist.data.source import count_rows, read_references
 from af3dist.training.loop import train_loop_per_worker
 from af3dist.training.state import ADAPTER_DIR, join
@@ -85,12 +85,8 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def _copy_folder_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    with building_folder(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def build_datasets(cfg: Config, ledgers: dict) -> tuple[dict, dict[str, list[str]]]:
