@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESETS_PACKAGE = "af3dist.presets"
 
@@ -144,6 +144,51 @@ class TrainConfig(_Section):
     seed: int = 0
 
 
+class ServeConfig(_Section):
+    """The HTTP service: batching, limits, adapters, and the replicas' scaling and resources."""
+
+    model_name: str | None = None  # what clients put in `model` for the base; default: the folder name / hub id
+    adapters: dict[str, str] = {}  # adapter name (the `model` field) -> LoRA adapter folder or URI
+    max_adapters_per_replica: int = Field(4, ge=1, description="least recently used adapters are evicted")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    # Dynamic batching; both can change at runtime through the deployment's user_config.
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    # Limits on what one request may ask for.
+    max_audio_seconds: float = Field(30.0, gt=0)
+    max_body_mb: float = Field(25.0, gt=0)
+    default_max_tokens: int = Field(64, ge=1)
+    max_tokens_limit: int = Field(256, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0)
+    # Bearer token clients must send; falls back to $AF3DIST_API_KEY. None and no variable: no auth.
+    api_key: str | None = None
+    # Prefixes (local folders or URLs such as s3://bucket/clips/) that audio parts may name by path or URL.
+    # Empty: requests can only send audio inline, the server never reads a path or fetches a URL for them.
+    allowed_audio_sources: list[str] = []
+    # Model replicas: autoscaling, per-replica concurrency and resources.
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+    upscale_delay_s: float = Field(30, ge=0)
+    downscale_delay_s: float = Field(600, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    cpus_per_replica: float = Field(1.0, ge=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    ingress_replicas: int = Field(1, ge=1)
+
+    _expand_adapters = field_validator("adapters")(lambda cls, v: {k: expand_path(p) for k, p in v.items()})
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must not exceed max_tokens_limit "
+                             f"({self.max_tokens_limit})")
+        return self
+
+
 class RayConfig(_Section):
     address: str | None = None  # None: join RAY_ADDRESS if set, else start a local instance
     num_cpus: int | None = Field(None, ge=1, description="only for a local instance")
@@ -155,6 +200,7 @@ class Config(_Section):
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
+    serve: ServeConfig = ServeConfig()
     output_dir: str = "outputs/run"
 
     _expand = field_validator("output_dir")(lambda cls, v: expand_path(v))

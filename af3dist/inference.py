@@ -17,7 +17,7 @@ import torch
 
 from af3dist.data.audio import TARGET_SAMPLING_RATE, load_waveform, waveform_from_array
 from af3dist.data.features import Featurizer, load_processor
-from af3dist.model.loading import adapter_base, is_adapter, load_model, resolve_dtype
+from af3dist.model.loading import load_model, resolve_dtype, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +33,33 @@ def unwrap(model):
 
 
 @torch.no_grad()
+def generate_tokens(model, inputs: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int,
+                    pad_token_id: int, temperature: float = 0.0, top_p: float = 1.0,
+                    synced_gpus: bool = False) -> list[tuple[list[int], bool]]:
+    """New tokens per row (no prompt, nothing from the first <|im_end|> on) and whether the row ended with
+    <|im_end|> before `max_new_tokens`. Greedy at temperature 0, else nucleus sampling (seed the torch RNG
+    first for reproducible samples). Every generation knob is passed explicitly so that the checkpoint's
+    own generation_config (sampling, for the real AF3) never changes what we asked for."""
+    sampling = temperature > 0
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sampling, num_beams=1,
+                         temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+                         top_k=0 if sampling else None, repetition_penalty=None,
+                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
+                         synced_gpus=synced_gpus)
+    result = []
+    for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+        finished = eos_token_id in row
+        if finished:
+            row = row[: row.index(eos_token_id)]
+        result.append(([t for t in row if t != pad_token_id], finished))
+    return result
+
+
 def greedy_generate(model, inputs: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int,
                     pad_token_id: int, synced_gpus: bool = False) -> list[list[int]]:
     """Greedy new tokens per row, without the prompt and without anything after the first <|im_end|>."""
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                         temperature=None, top_p=None, top_k=None, repetition_penalty=None,
-                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
-                         synced_gpus=synced_gpus)
-    new = out[:, inputs["input_ids"].shape[1]:].tolist()
-    result = []
-    for row in new:
-        if eos_token_id in row:
-            row = row[: row.index(eos_token_id)]
-        result.append([t for t in row if t != pad_token_id])
-    return result
+    return [tokens for tokens, _ in generate_tokens(model, inputs, max_new_tokens, eos_token_id, pad_token_id,
+                                                     synced_gpus=synced_gpus)]
 
 
 def to_waveform(clip: Clip, sampling_rate: int | None = None, max_seconds: float | None = None) -> np.ndarray:
@@ -80,15 +93,9 @@ class Captioner:
              prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 64) -> "Captioner":
         """`model`: base or merged folder / hub id, or an adapter folder (its base is read from it)."""
         on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        processor_source = adapter or model
-        if is_adapter(model) and adapter is None:
-            adapter, model = model, adapter_base(model)
-        try:
-            processor = load_processor(str(processor_source))
-        except (OSError, ValueError):  # an adapter folder saved without processor files
-            processor = load_processor(str(model))
-        return cls(load_model(model, resolve_dtype(dtype, on_gpu), adapter), processor, prompt, max_new_tokens,
-                   device)
+        model, adapter, processor_source = resolve_model(model, adapter)
+        return cls(load_model(model, resolve_dtype(dtype, on_gpu), adapter), load_processor(processor_source),
+                   prompt, max_new_tokens, device)
 
     def inputs_for(self, waveforms: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         texts = [self.featurizer.render(p) for p in prompts]

@@ -1,0 +1,158 @@
+"""The model replica's engine and the request protocol, without Serve: adapters, batching, refusals."""
+
+import base64
+
+import numpy as np
+import pytest
+import torch
+
+from af3dist.config import LoraConfig, ServeConfig
+from af3dist.data.features import Featurizer
+from af3dist.data.synthetic import encode_audio, generate_clip
+from af3dist.inference import Captioner
+from af3dist.model.loading import add_lora, load_model
+from af3dist.server.engine import Engine, GenRequest, featurize
+from af3dist.server.protocol import ApiError, parse_chat_request
+
+PROMPT = "Describe the audio."
+
+
+def make_adapter(base_dir: str, out, processor, seed: int) -> str:
+    """An adapter with non-trivial weights, as training would leave it."""
+    torch.manual_seed(seed)
+    model = add_lora(load_model(base_dir), LoraConfig())
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)
+
+
+def make_clips(seed: int = 5) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    specs = [("low_tone", 10.0, 48000, 2, "flac"), ("white_noise", 3.0, 16000, 1, "wav"),
+             ("beeps", 20.0, 44100, 1, "mp3"), ("clicks", 1.5, 22050, 2, "ogg"),
+             ("buzz", 6.0, 32000, 1, "wav"), ("rising_chirp", 4.0, 44100, 2, "flac")]
+    return [encode_audio(generate_clip(rng, label, d, sr, ch), sr, fmt) for label, d, sr, ch, fmt in specs]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, processor, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-adapters")
+    return {name: make_adapter(tiny_model_dir, root / name, processor, seed)
+            for name, seed in (("alpha", 11), ("beta", 12))}
+
+
+def _requests(featurizer, clips, max_tokens, adapter=None):
+    return [GenRequest(featurize(featurizer, c, PROMPT, 60), m, adapter=adapter) for c, m in zip(clips, max_tokens)]
+
+
+def test_engine_batches_equal_solo_and_adapters_switch(tiny_model_dir, processor, adapters):
+    engine = Engine(tiny_model_dir, dtype="float32", adapters=adapters)
+    featurizer = Featurizer(processor, PROMPT)
+    clips = make_clips()
+    budgets = [12, 3, 12, 7, 12, 1]
+    batch = engine.generate(_requests(featurizer, clips, budgets))
+    solo = [engine.generate(_requests(featurizer, [c], [m]))[0] for c, m in zip(clips, budgets)]
+    assert [(r.token_ids, r.finish_reason) for r in batch] == [(r.token_ids, r.finish_reason) for r in solo]
+    assert all(len(r.token_ids) <= m for r, m in zip(batch, budgets))
+    assert batch[5].finish_reason == "length" and len(batch[5].token_ids) == 1
+
+    reference = Captioner.load(tiny_model_dir, max_new_tokens=12).caption(clips)
+    assert [r.text for r in engine.generate(_requests(featurizer, clips, [12] * 6))] == reference
+
+    want = {name: Captioner.load(tiny_model_dir, adapter=path, max_new_tokens=12).caption(clips)
+            for name, path in adapters.items()}
+    for name in ("alpha", "beta"):
+        got = [r.text for r in engine.generate(_requests(featurizer, clips, [12] * 6, adapter=name))]
+        assert got == want[name] and got != reference
+    # The base is still the base with adapters loaded, and after they are all evicted.
+    assert [r.text for r in engine.generate(_requests(featurizer, clips, [12] * 6))] == reference
+    engine.unload_adapter("alpha")
+    engine.unload_adapter("beta")
+    assert engine.adapter_paths == {}
+    assert [r.text for r in engine.generate(_requests(featurizer, clips, [12] * 6))] == reference
+    # Evicted adapters come back on demand, unchanged.
+    for name in ("beta", "alpha", "beta"):
+        got = [r.text for r in engine.generate(_requests(featurizer, clips, [12] * 6, adapter=name))]
+        assert got == want[name]
+    with pytest.raises(ValueError, match="mix adapters"):
+        engine.generate(_requests(featurizer, clips[:1], [4]) + _requests(featurizer, clips[:1], [4], "alpha"))
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_model_dir, processor):
+    engine = Engine(tiny_model_dir, dtype="float32")
+    featurizer = Featurizer(processor, PROMPT)
+    clip = make_clips()[0]
+
+    def sample(seed, companions=0):
+        reqs = [GenRequest(featurize(featurizer, clip, PROMPT, 60), 12, temperature=1.5, seed=seed)]
+        reqs += _requests(featurizer, make_clips()[1:1 + companions], [12] * companions)
+        return engine.generate(reqs)[0].token_ids
+
+    assert sample(7) == sample(7) == sample(7, companions=3)
+    assert any(sample(s) != sample(7) for s in range(8, 14))
+
+
+def _audio_part(data: bytes, fmt: str = "wav") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}
+
+
+def _body(*parts, **fields) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": list(parts)}], **fields}
+
+
+def test_protocol_parses_what_openai_clients_send():
+    cfg = ServeConfig(default_max_tokens=20, max_tokens_limit=50)
+    req = parse_chat_request(_body(_audio_part(b"RIFF"), {"type": "text", "text": "What is it?"},
+                                   max_completion_tokens=9, temperature=0.5, seed=3, stream=True,
+                                   user="ignored", n=1), cfg)
+    assert (req.audio.data, req.prompt, req.max_tokens, req.temperature, req.seed, req.stream) == (
+        b"RIFF", "What is it?", 9, 0.5, 3, True)
+    assert parse_chat_request(_body(_audio_part(b"x")), cfg).max_tokens == 20
+    # Earlier user turns are history; the last user turn is the question.
+    multi = {"messages": [{"role": "system", "content": "be brief"},
+                          {"role": "user", "content": [{"type": "text", "text": "old"}]},
+                          {"role": "assistant", "content": "ok"},
+                          {"role": "user", "content": [_audio_part(b"x"), {"type": "text", "text": "new"}]}]}
+    assert parse_chat_request(multi, cfg).prompt == "new"
+
+
+@pytest.mark.parametrize("body, code_or_param", [
+    (_body({"type": "text", "text": "no audio"}), "audio_count"),
+    (_body(_audio_part(b"a"), _audio_part(b"b")), "audio_count"),
+    (_body({"type": "input_audio", "input_audio": {"data": "%%%not-base64", "format": "wav"}}), "invalid_base64"),
+    (_body({"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "aiff"}}), "unsupported_format"),
+    (_body(_audio_part(b"x"), max_tokens=0), "invalid_value"),
+    (_body(_audio_part(b"x"), max_tokens=51), "invalid_value"),
+    (_body(_audio_part(b"x"), max_tokens="ten"), "max_tokens"),
+    (_body(_audio_part(b"x"), temperature="hot"), "temperature"),
+    (_body(_audio_part(b"x"), stream="yes"), "stream"),
+    (_body(_audio_part(b"x"), n=2), "n"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hello"}, "messages"),
+    ([1, 2], None),
+    (_body({"type": "image_url", "image_url": {"url": "http://x"}}), "messages.0.content.0.type"),
+    (_body({"type": "audio", "path": "/etc/passwd"}), "audio_source_not_allowed"),
+    (_body({"type": "audio", "url": "https://example.com/a.wav"}), "audio_source_not_allowed"),
+    (_body({"type": "audio_url", "audio_url": {"url": "file:///etc/passwd"}}), "audio_source_not_allowed"),
+])
+def test_protocol_refuses_bad_requests_precisely(body, code_or_param):
+    with pytest.raises(ApiError) as err:
+        parse_chat_request(body, ServeConfig(default_max_tokens=20, max_tokens_limit=50))
+    assert err.value.status == 400
+    if code_or_param is not None:
+        assert code_or_param in (err.value.code, err.value.param) or err.value.param.startswith(code_or_param)
+
+
+def test_paths_are_read_only_inside_allowed_folders(tmp_path):
+    allowed = tmp_path / "clips"
+    allowed.mkdir()
+    cfg = ServeConfig(allowed_audio_sources=[str(allowed)])
+    inside = parse_chat_request(_body({"type": "audio", "path": str(allowed / "a.wav")}), cfg)
+    assert inside.audio.location == str(allowed / "a.wav")
+    for sneaky in (str(allowed / ".." / "secret.wav"), str(tmp_path / "clips-other" / "a.wav")):
+        with pytest.raises(ApiError, match="not allowed"):
+            parse_chat_request(_body({"type": "audio", "path": sneaky}), cfg)
