@@ -88,6 +88,40 @@ def _main_job(args: argparse.Namespace) -> None:
     run_main(config_from_args(args), limit=args.limit)
 
 
+def _caption_batch(args: argparse.Namespace) -> None:
+    import json
+
+    from af3dist.captioning.job import BatchCaptionConfig, run_batch_caption
+
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("command", "func", "base", "ray_address", "num_cpus") and v is not None}
+    options["model"] = args.model or args.base or args.adapter  # an adapter folder records its base
+    if not options["model"]:
+        raise ConfigError("caption-batch needs --model (merged or base) or --base with --adapter")
+    cfg = BatchCaptionConfig.make(**options, ray={"address": args.ray_address, "num_cpus": args.num_cpus})
+    summary = run_batch_caption(cfg)
+    print(json.dumps(summary, indent=2))
+    if not summary["complete"] and cfg.limit is None:
+        raise SystemExit(1)
+
+
+def _adapter_pairs(values: list[str]) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {value!r} must look like NAME=DIR")
+        pairs[name] = path
+    return pairs
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from af3dist.server.run import serve_forever
+
+    overrides = list(args.overrides)
+    serve_forever(args.config, overrides, args.model, _adapter_pairs(args.adapter), args.host, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="af3dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +173,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--limit", type=int, help="evaluate only the first N test clips")
     p.set_defaults(func=_main_job)
+
+    p = sub.add_parser("caption-batch", help="caption a folder, glob, manifest or parquet of clips with Ray Data "
+                                             "(exactly once; a rerun resumes)")
+    p.add_argument("--model", help="merged or base model folder / hub id, or an adapter folder")
+    p.add_argument("--base", help="the base model for --adapter (same as --model)")
+    p.add_argument("--adapter", help="a LoRA adapter folder to apply on --model")
+    p.add_argument("--input", required=True, help="folder or glob of audio files, CSV/JSONL manifest (id, path), "
+                                                  "or parquet (AudioCaps layout); local or any fsspec URL")
+    p.add_argument("--output", required=True, help="folder of output shards; rerun with the same one to resume")
+    p.add_argument("--format", choices=["parquet", "jsonl"])
+    p.add_argument("--prompt", help="default: 'Describe the audio.'")
+    p.add_argument("--split", help="AudioCaps layout: caption only data/<split>-*.parquet")
+    p.add_argument("--batch-size", type=int, help="clips per generate call (default 8)")
+    p.add_argument("--actors", help="captioning actors: N, or MIN,MAX for an autoscaling pool (default 1)")
+    p.add_argument("--gpus-per-actor", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    p.add_argument("--cpus-per-actor", type=float)
+    p.add_argument("--max-new-tokens", type=int, help="default 64")
+    p.add_argument("--max-seconds", type=float, help="longer clips become too_long errors (default 600)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--shard-rows", type=int, help="rows per output shard (default 1000)")
+    p.add_argument("--flush-seconds", type=float, help="also write a shard this often (default 60)")
+    p.add_argument("--limit", type=int, help="caption at most N new inputs")
+    p.add_argument("--ray-address", help="default: $RAY_ADDRESS, else a local Ray instance")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance")
+    p.set_defaults(func=_caption_batch)
+
+    p = sub.add_parser("serve", help="serve captions over HTTP (OpenAI-compatible) with Ray Serve until stopped")
+    p.add_argument("--config", default="tiny", help=f"a preset ({', '.join(preset_names())}) or a YAML file")
+    p.add_argument("--model", help="merged or base model folder / hub id (default: model.name_or_path)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="a LoRA adapter clients select with model=NAME (repeatable)")
+    p.add_argument("--host", help="default: serve.host")
+    p.add_argument("--port", type=int, help="default: serve.port")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="e.g. serve.max_batch_size=16")
+    p.set_defaults(func=_serve)
     return parser
 
 

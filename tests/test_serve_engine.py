@@ -156,3 +156,25 @@ def test_paths_are_read_only_inside_allowed_folders(tmp_path):
     for sneaky in (str(allowed / ".." / "secret.wav"), str(tmp_path / "clips-other" / "a.wav")):
         with pytest.raises(ApiError, match="not allowed"):
             parse_chat_request(_body({"type": "audio", "path": sneaky}), cfg)
+
+
+@pytest.mark.parametrize("path", ["serving/serve_config.yaml", "serving/serve_config.tiny.yaml"])
+def test_serve_configs_are_valid_and_name_our_deployments(path):
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from af3dist.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / path).read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    assert module == "serving.app" and attr == "build_app"
+    import serving.app
+
+    assert callable(getattr(serving.app, attr))
+    assert {d["name"] for d in app["deployments"]} == {"AF3Model", "Gateway"}
+    load_config(app["args"]["config"], app["args"].get("overrides"))  # the args are a valid af3dist config

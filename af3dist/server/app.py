@@ -1,0 +1,361 @@
+"""The Ray Serve application: a FastAPI gateway in front of autoscaled, batching AF3 model replicas.
+
+Gateway (CPU): auth, size limits, request checks, audio decoding and featurization (in a thread pool, so
+concurrent requests are featurized in parallel), OpenAI-shaped responses and errors, metrics.
+AF3Model (GPU where there is one): `@serve.batch` generation, LoRA adapters multiplexed by the request's
+`model` field (loaded on first use, least recently used evicted), batch size and wait adjustable at runtime
+through `user_config`.
+
+`build_app(args)` is the application builder that `serve run` / `serve deploy` / RayService import
+(`serving.app:build_app`); `af3dist serve` calls the same builder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.util import metrics
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from af3dist.config import Config, ServeConfig, load_config
+from af3dist.data.audio import ClipError
+from af3dist.server.engine import Engine, GenRequest, GenResult, featurize
+from af3dist.server.protocol import (DONE, ApiError, ChatRequest, chat_completion, chunk, completion_id,
+                                     error_body, parse_chat_request, parse_json)
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "AF3DIST_API_KEY"
+
+
+# Model replicas ---------------------------------------------------------------------------------------------
+class _LoadedAdapter:
+    """What the multiplexed loader returns; Serve calls `__del__` when it evicts the adapter."""
+
+    def __init__(self, engine: Engine, name: str):
+        self.engine, self.name, self._gone = engine, name, False
+
+    def __del__(self):
+        if not self._gone:
+            self._gone = True
+            self.engine.unload_adapter(self.name)
+
+
+class AF3Model:
+    """One model replica. Serve's `@serve.batch` splits batches by multiplexed model id, so a batch holds
+    requests for one adapter only (and Engine.generate refuses a mixed one)."""
+
+    def __init__(self, model: str, adapters: dict[str, str], dtype: str = "auto"):
+        self.engine = Engine(model, dtype=dtype, adapters=adapters)
+        self.batch_sizes: list[int] = []
+        self.max_batch_size: int | None = None
+        self.batch_metric = metrics.Histogram("af3dist_batch_size", "requests generated together",
+                                              boundaries=[1, 2, 4, 8, 16, 32, 64])
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Runtime knobs from the deployment's user_config (changing them does not restart the replica)."""
+        if "max_batch_size" in user_config:
+            self.max_batch_size = int(user_config["max_batch_size"])
+            self.generate_batch.set_max_batch_size(self.max_batch_size)
+        if "batch_wait_timeout_s" in user_config:
+            self.generate_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+    async def adapter(self, name: str) -> _LoadedAdapter:
+        await asyncio.to_thread(self.engine.load_adapter, name)
+        return _LoadedAdapter(self.engine, name)
+
+    async def generate(self, request: GenRequest) -> GenResult:
+        if request.adapter is not None:
+            await self.multiplexed_adapter(request.adapter)
+        return await self.generate_batch(request)
+
+    async def generate_batch(self, requests: list[GenRequest]) -> list[GenResult]:
+        self.batch_sizes.append(len(requests))
+        self.batch_metric.observe(len(requests))
+        # Off the event loop: the replica keeps accepting requests (the next batch fills) while this runs.
+        return await asyncio.to_thread(self.engine.generate, requests)
+
+    def stats(self) -> dict[str, Any]:
+        return {"batch_sizes": list(self.batch_sizes), "max_batch_size": self.max_batch_size,
+                "loaded_adapters": sorted(self.engine.adapter_paths)}
+
+    def ready(self) -> bool:
+        return True
+
+
+def model_deployment(cfg: ServeConfig):
+    """AF3Model as a Serve deployment with the scaling, resources and batch settings of `cfg`.
+
+    The class itself depends only on the adapter slots: batch size and wait reach the replicas through
+    user_config (reconfigure), so a redeploy that changes them, scaling or concurrency updates the running
+    replicas in place instead of replacing them.
+    """
+    return serve.deployment(
+        _model_class(cfg.max_adapters_per_replica), name="AF3Model",
+        autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                            "initial_replicas": max(cfg.min_replicas, 1),
+                            "target_ongoing_requests": cfg.target_ongoing_requests,
+                            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s},
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+        user_config={"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
+        health_check_period_s=10, health_check_timeout_s=60,
+        graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=30,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _model_class(max_adapters: int) -> type:
+    class _AF3Model(AF3Model):
+        @serve.multiplexed(max_num_models_per_replica=max_adapters)
+        async def multiplexed_adapter(self, name: str) -> _LoadedAdapter:
+            return await self.adapter(name)
+
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # set from user_config in reconfigure()
+        async def generate_batch(self, requests: list[GenRequest]) -> list[GenResult]:
+            return await AF3Model.generate_batch(self, requests)
+
+    _AF3Model.__name__ = _AF3Model.__qualname__ = "AF3Model"
+    return _AF3Model
+
+
+# Gateway ---------------------------------------------------------------------------------------------------
+api = FastAPI(title="af3dist", description="Audio Flamingo 3 captions and answers, OpenAI-compatible")
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+    loc = ".".join(str(p) for p in first["loc"])
+    return JSONResponse(ApiError(400, f"{loc}: {first['msg']}", param=loc).body(), status_code=400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(error_body(err.status_code, str(err.detail)), status_code=err.status_code)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (never buffered beyond it)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is {int(declared)} bytes; the limit is {limit}",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
+        chunks.append(part)
+    return b"".join(chunks)
+
+
+def _read_location(location: str) -> bytes:
+    import fsspec
+
+    try:
+        with fsspec.open(location, "rb") as f:
+            return f.read()
+    except (OSError, ValueError) as err:
+        raise ApiError(400, f"cannot read audio at {location!r}: {err}", code="missing_audio") from None
+
+
+@serve.deployment(name="Gateway")
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, model: DeploymentHandle, settings: dict[str, Any]):
+        from af3dist.data.features import Featurizer, load_processor
+
+        self.model = model
+        self.cfg = ServeConfig.model_validate(settings["serve"])
+        self.base_name: str = settings["base_name"]
+        self.adapters: list[str] = sorted(self.cfg.adapters)
+        self.featurizer = Featurizer(load_processor(settings["model"]), settings["prompt"])
+        self.api_key = self.cfg.api_key or os.environ.get(API_KEY_ENV) or None
+        self.created = int(time.time())
+        self.requests = metrics.Counter("af3dist_requests", "HTTP requests by route and status",
+                                        tag_keys=("route", "status"))
+        self.errors = metrics.Counter("af3dist_request_errors", "refused or failed requests by code",
+                                      tag_keys=("route", "code"))
+        self.latency = metrics.Histogram("af3dist_request_latency_s", "request latency in seconds",
+                                         boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60],
+                                         tag_keys=("route",))
+
+    # Helpers --------------------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {self.api_key}":
+            raise ApiError(401, "a valid API key is required (Authorization: Bearer <key>)",
+                           type="authentication_error", code="invalid_api_key")
+
+    def _adapter_for(self, model: str | None) -> str | None:
+        if model in (None, "", self.base_name):
+            return None
+        if model in self.cfg.adapters:
+            return model
+        raise ApiError(404, f"the model {model!r} does not exist (available: "
+                            f"{', '.join([self.base_name, *self.adapters])})", param="model",
+                       code="model_not_found")
+
+    async def _generate(self, audio: bytes, prompt: str, adapter: str | None, max_tokens: int,
+                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> GenResult:
+        try:
+            features = await asyncio.to_thread(featurize, self.featurizer, audio, prompt,
+                                               self.cfg.max_audio_seconds)
+        except ClipError as err:
+            raise ApiError(400, f"the audio cannot be used: {err}", param="audio", code=err.reason) from None
+        request = GenRequest(features, max_tokens, temperature, top_p, seed, adapter)
+        response = self.model.options(multiplexed_model_id=adapter or "").generate.remote(request)
+        try:
+            return await asyncio.wait_for(response, timeout=self.cfg.request_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise ApiError(504, f"no answer within {self.cfg.request_timeout_s:g} s", type="timeout_error",
+                           code="timeout") from None
+
+    async def _observe(self, route: str, request: Request, handler) -> Any:
+        start = time.perf_counter()
+        status = 500
+        try:
+            self._authorize(request)
+            result = await handler()
+            status = 200
+            return result
+        except ApiError as err:
+            status = err.status
+            self.errors.inc(tags={"route": route, "code": err.code or err.type})
+            return JSONResponse(err.body(), status_code=err.status)
+        except Exception as err:  # a bug or a replica failure, never the client's input
+            log.exception("request on %s failed", route)
+            self.errors.inc(tags={"route": route, "code": "internal"})
+            return JSONResponse(error_body(500, f"internal error: {type(err).__name__}"), status_code=500)
+        finally:
+            self.requests.inc(tags={"route": route, "status": str(status)})
+            self.latency.observe(time.perf_counter() - start, tags={"route": route})
+
+    # Routes ---------------------------------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            await asyncio.wait_for(self.model.ready.remote(), timeout=5)
+            return JSONResponse({"status": "ready"})
+        except Exception as err:  # noqa: BLE001 - any failure means not ready
+            return JSONResponse(error_body(503, f"the model is not ready: {type(err).__name__}"), status_code=503)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Any:
+        async def handler():
+            data = [{"id": name, "object": "model", "created": self.created, "owned_by": "af3dist",
+                     **({"parent": self.base_name} if name != self.base_name else {})}
+                    for name in [self.base_name, *self.adapters]]
+            return {"object": "list", "data": data}
+        return await self._observe("models", request, handler)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        async def handler():
+            body = await _read_body(request, int(self.cfg.max_body_mb * 2**20))
+            chat: ChatRequest = parse_chat_request(parse_json(body), self.cfg)
+            adapter = self._adapter_for(chat.model)
+            audio = chat.audio.data if chat.audio.data is not None else await asyncio.to_thread(
+                _read_location, chat.audio.location)
+            result = await self._generate(audio, chat.prompt, adapter, chat.max_tokens, chat.temperature,
+                                          chat.top_p, chat.seed)
+            model_name = adapter or self.base_name
+            cid = completion_id()
+            if chat.stream:
+                return StreamingResponse(self._stream(cid, model_name, result), media_type="text/event-stream")
+            return chat_completion(cid, model_name, result.text, result.finish_reason, result.prompt_tokens,
+                                   len(result.token_ids))
+        return await self._observe("chat_completions", request, handler)
+
+    def _stream(self, cid: str, model_name: str, result: GenResult):
+        """SSE in OpenAI's chunk format. The batch is generated as a whole, so the text is sent as soon as it
+        is ready, one chunk per token."""
+        tokenizer = self.featurizer.tokenizer
+        yield chunk(cid, model_name, {"role": "assistant", "content": ""})
+        sent = ""
+        for i in range(1, len(result.token_ids) + 1):
+            text = tokenizer.decode(result.token_ids[:i], skip_special_tokens=True).strip()
+            if len(text) > len(sent) and text.startswith(sent):
+                yield chunk(cid, model_name, {"content": text[len(sent):]})
+                sent = text
+        if sent != result.text:  # decoding piecewise can differ at the end (stripped spaces)
+            yield chunk(cid, model_name, {"content": result.text[len(sent):]})
+        yield chunk(cid, model_name, {}, finish_reason=result.finish_reason)
+        yield DONE
+
+    @api.post("/v1/audio/captions")
+    async def captions(self, request: Request) -> Any:
+        async def handler():
+            body = await _read_body(request, int(self.cfg.max_body_mb * 2**20))
+
+            async def replay():
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+                raise ApiError(400, "send the audio as multipart/form-data with a `file` field",
+                               code="invalid_content_type")
+            try:
+                form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+            except Exception as err:  # noqa: BLE001 - malformed multipart of any kind
+                raise ApiError(400, f"the multipart body cannot be parsed: {err}", code="invalid_multipart") from None
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise ApiError(400, "the form needs a `file` field holding the audio", param="file")
+            prompt = form.get("prompt") or ""
+            model = form.get("model") or None
+            if not isinstance(prompt, str) or (model is not None and not isinstance(model, str)):
+                raise ApiError(400, "`prompt` and `model` must be text fields")
+            adapter = self._adapter_for(model)
+            result = await self._generate(await upload.read(), prompt, adapter, self.cfg.default_max_tokens)
+            return {"caption": result.text, "model": adapter or self.base_name}
+        return await self._observe("captions", request, handler)
+
+
+# The application builder ---------------------------------------------------------------------------------
+def served_name(model: str) -> str:
+    """How clients name the base: a hub id as it is, a local folder by its name."""
+    return Path(model).name if os.path.isdir(model) else model
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Serve application builder. args: `config` (preset or YAML, default tiny), `model` (folder or hub id;
+    default the config's model), `adapters` ({name: folder}), `overrides` (["serve.max_batch_size=16", ...])."""
+    cfg: Config = load_config(args.get("config", "tiny"), list(args.get("overrides") or []))
+    adapters = {**cfg.serve.adapters, **(args.get("adapters") or {})}
+    serve_cfg = ServeConfig.model_validate({**cfg.serve.model_dump(), "adapters": adapters})
+    model = args.get("model")
+    if not model:
+        from af3dist.assets import prepare_embedded
+
+        if cfg.model.build_tiny is not None:
+            prepare_embedded(cfg.model_copy(update={"data": cfg.data.model_copy(update={"synthetic": None})}))
+        model = cfg.model.name_or_path
+    settings = {"serve": serve_cfg.model_dump(), "model": model, "prompt": cfg.data.prompt,
+                "base_name": serve_cfg.model_name or served_name(model)}
+    model_app = model_deployment(serve_cfg).bind(model, serve_cfg.adapters, cfg.model.dtype)
+    return Gateway.options(num_replicas=serve_cfg.ingress_replicas,
+                           ray_actor_options={"num_cpus": 0.25}).bind(model_app, settings)
