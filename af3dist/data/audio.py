@@ -18,7 +18,7 @@ TARGET_SAMPLING_RATE = 16000
 
 # Why a clip was rejected; the keys of every error count and errors file.
 REASONS = ("missing_audio", "unsupported_codec", "corrupt", "empty_audio", "non_finite", "too_long",
-           "empty_caption")
+           "empty_caption", "unreadable")
 
 # A file whose header the decoder understands but that yields fewer frames than the header declares
 # (beyond encoder slack) was cut short.

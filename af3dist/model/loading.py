@@ -39,6 +39,22 @@ def adapter_base(path: str) -> str:
     return json.loads((Path(path) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
 
 
+def resolve_model(model: str, adapter: str | None = None) -> tuple[str, str | None, str]:
+    """(base or merged model, adapter or None, processor folder) for a model folder / hub id, an adapter
+    folder given as the model, or a model plus an adapter. The adapter's processor wins when it was saved
+    with one."""
+    from af3dist.data.features import load_processor
+
+    processor_source = str(adapter or model)
+    if is_adapter(model) and adapter is None:
+        adapter, model = model, adapter_base(model)
+    try:
+        load_processor(processor_source)
+    except (OSError, ValueError):  # an adapter folder saved without processor files
+        processor_source = str(model)
+    return model, adapter, processor_source
+
+
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, adapter: str | None = None):
     """A base or merged model, or base + adapter (peft) when `adapter` is given or the path is an adapter."""
     if adapter is None and is_adapter(name_or_path):
