@@ -1,0 +1,433 @@
+"""Offline batch captioning with Ray Data: millions of clips in, one output row per clip out.
+
+  plan (driver: ids and locations only, minus ids already in the output)
+  -> read bytes (CPU tasks; files through fsspec, or parquet rows)
+  -> decode, downmix, resample, featurize (CPU tasks; the data plane's `load_waveform` and `Featurizer`)
+  -> caption (an actor pool of models, greedy, length-bucketed batches; GPUs per actor where there are GPUs)
+  -> shards written atomically by the driver as results stream in, with progress and a final summary.
+
+Every stage streams (Ray Data backpressure bounds memory), and a bad input never stops the run: it travels
+down the pipeline as a row with `error` set ("<reason>: <detail>", reason from `af3dist.data.audio.REASONS`)
+and no model work. A rerun with the same output skips ids already written, so every input ends up in the
+output exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from typing import Any, Literal
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import ray
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from af3dist.captioning.inputs import InputPlan, plan_inputs
+from af3dist.captioning.shards import (
+    SUMMARY_FILE, ShardWriter, read_done_ids, remove_temp_files, write_atomic,
+)
+from af3dist.cluster import init_ray
+from af3dist.config import ConfigError, RayConfig, _format_errors, expand_path
+from af3dist.data.audio import TARGET_SAMPLING_RATE, ClipError, load_waveform
+from af3dist.data.features import Featurizer, load_processor
+from af3dist.data.pipeline import _ragged
+from af3dist.inference import DEFAULT_PROMPT, CaptionPredictor
+from af3dist.model.loading import resolve_model
+
+log = logging.getLogger(__name__)
+
+# What the model stage needs per row (CaptionPredictor's input), besides the id.
+MODEL_COLUMNS = ["input_ids", "input_features", "input_features_mask", "num_windows", "num_tokens"]
+
+
+class BatchCaptionConfig(BaseModel):
+    """Everything a batch captioning run needs; validated in the driver before anything starts."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str = Field(description="merged or base model folder / hub id, or an adapter folder")
+    adapter: str | None = None
+    input: str
+    output: str
+    format: Literal["parquet", "jsonl"] = "parquet"
+    prompt: str = DEFAULT_PROMPT
+    split: str | None = Field(None, description="AudioCaps layout: caption data/<split>-*.parquet only")
+    batch_size: int = Field(8, ge=1, description="clips per generate call")
+    bucket_batches: int = Field(4, ge=1, description="batches per actor call, sorted by length first")
+    actors: tuple[int, int] = Field((1, 1), description="(min, max) captioning actors")
+    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
+    cpus_per_actor: float | None = Field(None, gt=0, description="default: 1, less on a small CPU-only cluster")
+    cpus_per_task: float = Field(0.25, gt=0, description="CPUs per read/decode/featurize task")
+    read_batch_size: int = Field(16, ge=1, description="rows per read/decode/featurize batch")
+    max_new_tokens: int = Field(64, ge=1)
+    max_seconds: float = Field(600.0, gt=0, description="longer clips become too_long errors (AF3: 600 s)")
+    max_file_mb: float = Field(512.0, gt=0, description="larger files become too_long errors unread")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    shard_rows: int = Field(1000, ge=1)
+    flush_seconds: float = Field(60.0, gt=0, description="also write a shard this often (bounds lost work)")
+    progress_seconds: float = Field(10.0, gt=0)
+    limit: int | None = Field(None, ge=1, description="caption at most this many new inputs")
+    ray: RayConfig = RayConfig()
+
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _actors(cls, v: Any) -> Any:
+        if isinstance(v, int):
+            return (v, v)
+        if isinstance(v, str):
+            parts = v.replace("-", ",").split(",")
+            return (int(parts[0]), int(parts[-1]))
+        return v
+
+    @field_validator("actors")
+    @classmethod
+    def _actors_range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError(f"need 1 <= min <= max actors, got {v}")
+        return v
+
+    _paths = field_validator("input", "output")(lambda cls, v: expand_path(v))
+
+    @classmethod
+    def make(cls, **kwargs: Any) -> "BatchCaptionConfig":
+        """Validate, turning pydantic's error into a ConfigError that names the field."""
+        try:
+            return cls(**kwargs)
+        except ValidationError as err:
+            raise ConfigError(_format_errors(err, cls)) from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# CPU stages
+
+
+def _out(ids: list, paths: list, data: list, errors: list) -> dict[str, np.ndarray]:
+    # no-error is "" and no-bytes is b"" inside the pipeline: a column of only None would become floats
+    return {"id": np.array(ids, dtype=object), "path": np.array(paths, dtype=object),
+            "bytes": np.array(data, dtype=object), "error": np.array(errors, dtype=object)}
+
+
+_FILESYSTEMS: dict[str, fsspec.AbstractFileSystem] = {}
+
+
+def _read_one(location: str, max_bytes: int) -> bytes:
+    if not location:
+        raise ClipError("missing_audio", "no path given")
+    protocol = location.split("://", 1)[0] if "://" in location else "file"
+    fs = _FILESYSTEMS.get(protocol)
+    if fs is None:
+        fs = _FILESYSTEMS[protocol] = fsspec.core.url_to_fs(location)[0]
+    try:
+        with fs.open(location, "rb") as f:
+            size = getattr(f, "size", None)
+            if size is not None and size > max_bytes:
+                raise ClipError("too_long", f"the file is {size / 2**20:.0f} MB, over the "
+                                            f"{max_bytes / 2**20:.0f} MB limit")
+            return f.read()
+    except ClipError:
+        raise
+    except Exception as e:  # missing, permission, dangling link, a folder, network: one reason
+        raise ClipError("unreadable", f"{type(e).__name__}: {e}") from None
+
+
+def read_file_rows(batch: dict[str, np.ndarray], *, max_bytes: int) -> dict[str, np.ndarray]:
+    """(id, path, location) -> (id, path, bytes, error): each file's bytes, or why it cannot be read."""
+    data, errors = [], []
+    for location in batch["location"]:
+        try:
+            data.append(_read_one(str(location), max_bytes))
+            errors.append("")
+        except ClipError as e:
+            data.append(b"")
+            errors.append(str(e))
+    return _out(list(batch["id"]), list(batch["path"]), data, errors)
+
+
+def read_parquet_rows(batch: dict[str, np.ndarray], *, key_column: str, keep: frozenset) -> dict[str, np.ndarray]:
+    """Parquet rows -> (id, path, bytes, error) for the rows to caption (one per id, not yet done)."""
+    from af3dist.data.source import clip_key
+
+    ids, paths, data, errors = [], [], [], []
+    for i, key in enumerate(batch[key_column]):
+        if key not in keep:
+            continue
+        if key_column == "audiocap_id":
+            ids.append(clip_key(batch["youtube_id"][i], batch["start_time"][i]))
+        else:
+            ids.append(str(key))
+        audio = batch["audio"][i]
+        audio = audio if isinstance(audio, dict) else {}
+        paths.append(str(audio.get("path") or ""))
+        data.append(audio.get("bytes") or b"")  # no bytes -> missing_audio when decoded
+        errors.append("")
+    return _out(ids, paths, data, errors)
+
+
+def featurize_clip_rows(batch: dict[str, np.ndarray], *, processor: str, prompt: str,
+                        max_seconds: float) -> dict[str, np.ndarray]:
+    """(id, path, bytes, error) -> model inputs per clip, or the row's error with empty inputs."""
+    import torch
+
+    torch.set_num_threads(1)  # one task per (fraction of a) CPU; Ray schedules the parallelism
+    featurizer = Featurizer.from_pretrained(processor, prompt)
+    fe = featurizer.processor.feature_extractor
+    empty = {"input_ids": np.zeros(0, np.int32), "input_features": np.zeros((0, fe.feature_size, fe.nb_max_frames),
+                                                                            np.float32),
+             "input_features_mask": np.zeros((0, fe.nb_max_frames), bool)}
+    cols: dict[str, list] = {c: [] for c in ["id", "path", "duration_s", "error", *MODEL_COLUMNS]}
+    for i in range(len(batch["id"])):
+        error, ex, duration = batch["error"][i], empty, None
+        if not error:
+            try:
+                waveform = load_waveform(batch["bytes"][i], max_seconds=max_seconds)
+                duration = len(waveform) / TARGET_SAMPLING_RATE
+                ex = featurizer.generation_inputs(waveform)
+            except ClipError as e:
+                error = str(e)
+            except Exception as e:  # a decoder bug must not end the run: the clip gets the error instead
+                error = f"corrupt: {type(e).__name__}: {e}"
+        cols["id"].append(batch["id"][i])
+        cols["path"].append(batch["path"][i])
+        cols["duration_s"].append(np.nan if duration is None else duration)
+        cols["error"].append(error or "")
+        for c in ("input_ids", "input_features", "input_features_mask"):
+            cols[c].append(ex[c])
+        cols["num_windows"].append(ex["input_features"].shape[0])
+        cols["num_tokens"].append(len(ex["input_ids"]))
+    return {
+        "id": np.array(cols["id"], dtype=object), "path": np.array(cols["path"], dtype=object),
+        "duration_s": np.array(cols["duration_s"], dtype=np.float32), "error": np.array(cols["error"], dtype=object),
+        "num_windows": np.array(cols["num_windows"], dtype=np.int32),
+        "num_tokens": np.array(cols["num_tokens"], dtype=np.int32),
+        **{c: _ragged(cols[c]) for c in ("input_ids", "input_features", "input_features_mask")},
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# The model stage
+
+
+class CaptionActor:
+    """One model per actor. Rows with an error pass through untouched; the others are captioned by a
+    `CaptionPredictor` (sorted by length within the call, cut into `batch_size` batches, greedy). A batch
+    whose generation fails is retried clip by clip, so one bad clip fails alone."""
+
+    def __init__(self, model: str, adapter: str | None, dtype: str, max_new_tokens: int, batch_size: int,
+                 threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.predictor = CaptionPredictor(model, adapter=adapter, dtype=dtype, max_new_tokens=max_new_tokens,
+                                          batch_size=batch_size)
+
+    def _predict(self, batch: dict[str, np.ndarray], idx: list[int]) -> list[Any]:
+        sub = {k: batch[k][idx] for k in ["id", *MODEL_COLUMNS]}
+        try:
+            return list(self.predictor(sub)["prediction"])
+        except Exception as e:
+            if len(idx) == 1:
+                return [ClipError("corrupt", f"generation failed: {type(e).__name__}: {e}")]
+            return [p for i in idx for p in self._predict(batch, [i])]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        captions = [""] * n
+        errors = list(batch["error"])
+        ok = [i for i in range(n) if not errors[i]]
+        if ok:
+            for i, p in zip(ok, self._predict(batch, ok)):
+                if isinstance(p, ClipError):
+                    errors[i] = str(p)
+                else:
+                    captions[i] = p
+        return {"id": batch["id"], "path": batch["path"], "caption": np.array(captions, dtype=object),
+                "duration_s": batch["duration_s"], "error": np.array(errors, dtype=object)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _cluster_resources() -> tuple[float, float]:
+    res = ray.cluster_resources()
+    return float(res.get("CPU", 0)), float(res.get("GPU", 0))
+
+
+def actor_resources(cfg: BatchCaptionConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) per captioning actor. On a CPU-only cluster the actors together leave a share of the
+    CPUs to the read/decode stages, which would otherwise never be scheduled."""
+    cpus, gpus = _cluster_resources()
+    n_gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if cfg.cpus_per_actor is not None:
+        return cfg.cpus_per_actor, n_gpus
+    if n_gpus > 0:
+        return 1.0, n_gpus
+    return max(0.1, min(1.0, (cpus - 2 * cfg.cpus_per_task) / cfg.actors[1])), n_gpus
+
+
+def build_pipeline(cfg: BatchCaptionConfig, plan: InputPlan, todo: list[int], processor: str, model: str,
+                   adapter: str | None) -> ray.data.Dataset:
+    """The Ray Data pipeline over the plan's inputs at positions `todo`, ending in output columns."""
+    task = dict(batch_format="numpy", num_cpus=cfg.cpus_per_task, batch_size=cfg.read_batch_size)
+    if plan.kind == "files":
+        table = pa.table({"id": [plan.ids[i] for i in todo], "path": [plan.paths[i] for i in todo],
+                          "location": [plan.locations[i] for i in todo]})
+        ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=cfg.read_batch_size)
+        ds = ds.map_batches(read_file_rows, fn_kwargs=dict(max_bytes=int(cfg.max_file_mb * 2**20)), **task)
+    else:
+        files = plan.parquet
+        columns = ["audio", plan.key_column] + (["youtube_id", "start_time"] if plan.key_column == "audiocap_id"
+                                                else [])
+        ds = ray.data.read_parquet(files.paths, filesystem=files.arrow_filesystem(), columns=columns)
+        ds = ds.repartition(target_num_rows_per_block=cfg.read_batch_size)
+        keep = frozenset(plan.row_keys[i] for i in todo)
+        ds = ds.map_batches(read_parquet_rows, fn_kwargs=dict(key_column=plan.key_column, keep=keep), **task)
+    ds = ds.map_batches(featurize_clip_rows, fn_kwargs=dict(processor=processor, prompt=cfg.prompt,
+                                                            max_seconds=cfg.max_seconds), **task)
+    cpus, gpus = actor_resources(cfg)
+    lo, hi = cfg.actors
+    return ds.map_batches(
+        CaptionActor,
+        fn_constructor_kwargs=dict(model=model, adapter=adapter, dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
+                                   batch_size=cfg.batch_size, threads=max(1, round(cpus))),
+        batch_size=cfg.batch_size * cfg.bucket_batches, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_cpus=cpus, num_gpus=gpus,
+    )
+
+
+class Progress:
+    """Clips done, clips/s and ETA, printed every `every` seconds and once at the end."""
+
+    def __init__(self, total: int, every: float, printer=print):
+        self.total, self.every, self.printer = total, every, printer
+        self.done = self.errors = 0
+        self.start = self._last = time.perf_counter()
+        self.first: tuple[float, int] | None = None  # (time, clips) of the first results: start-up is over
+        self.last = self.start
+
+    def update(self, done: int, errors: int) -> None:
+        self.last = time.perf_counter()
+        if self.first is None and done:
+            self.first = (self.last, done)
+        self.done += done
+        self.errors += errors
+        if self.last - self._last >= self.every:
+            self.report()
+
+    def steady_rate(self) -> float | None:
+        """Clips/s after the first results arrived (actor start-up and model load excluded)."""
+        if self.first is None or self.last <= self.first[0]:
+            return None
+        return (self.done - self.first[1]) / (self.last - self.first[0])
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def report(self) -> None:
+        self._last = time.perf_counter()
+        rate = self.rate()
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        pct = 100 * self.done / self.total if self.total else 100.0
+        self.printer(f"[caption-batch] {self.done}/{self.total} clips ({pct:.1f}%), {rate:.1f} clips/s, "
+                     f"ETA {_duration(eta)}, {self.errors} errors")
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # nan
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _model_label(model: str, adapter: str | None) -> str:
+    return f"{model}+{adapter}" if adapter else model
+
+
+def error_reason(error: str) -> str:
+    """The reason of an output row's error ("corrupt: truncated flac ..." -> "corrupt")."""
+    return error.split(":", 1)[0]
+
+
+def run_batch_caption(cfg: BatchCaptionConfig, printer=print) -> dict:
+    """Caption every input of `cfg.input` not yet in `cfg.output`; return (and write) the run's summary.
+
+    The summary counts the inputs, those skipped as already done, those captioned and those failed by
+    reason in this run, and checks the whole output afterwards (`complete`: every input exactly once).
+    """
+    t0 = time.perf_counter()
+    init_ray(cfg.ray)
+    plan = plan_inputs(cfg.input, cfg.split)
+    stale = remove_temp_files(cfg.output)
+    if stale:
+        log.info("removed %d temp files left by an interrupted run", stale)
+    done = set(read_done_ids(cfg.output))
+    todo = [i for i, x in enumerate(plan.ids) if x not in done]
+    skipped = len(plan) - len(todo)
+    if cfg.limit is not None:
+        todo = todo[: cfg.limit]
+    printer(f"[caption-batch] {len(plan)} inputs in {cfg.input} ({plan.kind}), {skipped} already in "
+            f"{cfg.output}, {len(todo)} to caption")
+
+    writer = ShardWriter(cfg.output, cfg.format, cfg.shard_rows, cfg.flush_seconds)
+    progress = Progress(len(todo), cfg.progress_seconds, printer)
+    reasons: Counter[str] = Counter()
+    captioned = repeated = 0
+    pipeline_s = 0.0
+    if todo:
+        model, adapter, processor = resolve_model(cfg.model, cfg.adapter)
+        load_processor(processor)  # fail in the driver, not in every task, when the model folder is wrong
+        label = _model_label(cfg.model, cfg.adapter)
+        wanted = {plan.ids[i] for i in todo}
+        written: set[str] = set()
+        ds = build_pipeline(cfg, plan, todo, processor, model, adapter)
+        t1 = time.perf_counter()
+        progress.start = progress._last = t1
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            rows = []
+            for i in range(len(batch["id"])):
+                row_id = str(batch["id"][i])
+                if row_id in written or row_id not in wanted:  # a repeated id (input or retried task)
+                    repeated += 1
+                    continue
+                written.add(row_id)
+                error = batch["error"][i] or None
+                duration = float(batch["duration_s"][i])
+                rows.append({"id": row_id, "path": batch["path"][i], "caption": None if error else batch["caption"][i],
+                             "duration_s": None if np.isnan(duration) else duration, "model": label,
+                             "prompt": cfg.prompt, "error": error})
+                if error:
+                    reasons[error_reason(error)] += 1
+                else:
+                    captioned += 1
+            writer.add(rows)
+            progress.update(len(rows), sum(1 for r in rows if r["error"]))
+        writer.flush()
+        pipeline_s = time.perf_counter() - t1
+        progress.report()
+
+    after = read_done_ids(cfg.output)
+    in_output = set(after)
+    summary = {
+        "input": cfg.input, "output": cfg.output, "model": _model_label(cfg.model, cfg.adapter),
+        "inputs": len(plan), "duplicate_ids_in_input": plan.duplicates, "skipped": skipped,
+        "captioned": captioned, "errors": sum(reasons.values()), "errors_by_reason": dict(sorted(reasons.items())),
+        "repeated_rows_dropped": repeated, "shards_written": len(writer.shards),
+        "wall_s": round(time.perf_counter() - t0, 2), "pipeline_s": round(pipeline_s, 2),
+        "clips_per_s": round((captioned + sum(reasons.values())) / pipeline_s, 2) if pipeline_s else None,
+        "startup_s": round(progress.first[0] - progress.start, 2) if progress.first else None,
+        "steady_clips_per_s": None if progress.steady_rate() is None else round(progress.steady_rate(), 2),
+        "missing": sum(1 for x in plan.ids if x not in in_output),
+        "duplicates_in_output": len(after) - len(in_output),
+    }
+    summary["complete"] = summary["missing"] == 0 and summary["duplicates_in_output"] == 0
+    write_atomic(cfg.output, SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+    printer(f"[caption-batch] done: {captioned} captioned, {summary['errors']} errors "
+            f"{summary['errors_by_reason']}, {skipped} skipped, {summary['wall_s']} s; "
+            f"{'complete' if summary['complete'] else str(summary['missing']) + ' inputs still missing'}")
+    return summary
