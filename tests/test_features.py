@@ -81,3 +81,27 @@ def test_bucketing_groups_similar_lengths_deterministically():
     assert sorted(sum(a, [])) == list(range(40))
     for batch in bucket_batches(pools, 4, seed=1):  # within a batch, windows agree and token counts are close
         assert len({r["num_windows"] for r in batch}) <= 1 or max(r["num_tokens"] for r in batch) < 200
+
+
+def test_fast_feature_extractor_matches_the_stock_one(processor, tiny_model_dir):
+    """Our processor's extractor skips the zero padding; the features must be Whisper's all the same."""
+    from transformers import AutoProcessor, WhisperFeatureExtractor
+
+    from af3dist.data.features import FastWhisperFeatureExtractor
+
+    stock = AutoProcessor.from_pretrained(tiny_model_dir)
+    assert type(stock.feature_extractor) is WhisperFeatureExtractor
+    assert isinstance(processor.feature_extractor, FastWhisperFeatureExtractor)
+    rng = np.random.default_rng(0)
+    silent_tail = rng.standard_normal(16000 * 5).astype(np.float32) * 0.1
+    silent_tail[30000:] = 0
+    clips = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (1, 401, 16000 * 3, 160077, 480000, 479990,
+                                                                      16000 * 41)]
+    clips += [silent_tail, np.zeros(16000, np.float32)]
+    text = "<sound>"
+    for clip in clips:
+        want = stock(text=[text], audio=[clip])
+        got = processor(text=[text], audio=[clip])
+        assert got["input_ids"].tolist() == want["input_ids"].tolist()
+        assert got["input_features_mask"].tolist() == want["input_features_mask"].tolist()
+        np.testing.assert_allclose(got["input_features"].numpy(), want["input_features"].numpy(), rtol=0, atol=1e-6)
