@@ -153,6 +153,10 @@ class Worker:
         if metrics_log is not None and self.state.step > 0:
             metrics_log.log({"kind": "resume", "step": self.state.step, "epoch": self.state.epoch,
                              "batches_in_epoch": self.state.batches_in_epoch})
+        node_ids: list = [None] * self.world  # which Ray node each rank runs on, in rank order
+        dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+        if metrics_log is not None:
+            metrics_log.log({"kind": "workers", "step": self.state.step, "node_ids": node_ids})
         shard = ray.train.get_dataset_shard("train")
         start = time.perf_counter()
         start_step = self.state.step
