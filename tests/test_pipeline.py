@@ -152,3 +152,13 @@ def test_errors_file_and_ceiling(tiny_config, planted_dir):
     with pytest.raises(DataQualityError, match=r"over the error-rate ceiling of 20% .*corrupt=\d+"):
         run_data_pipeline(strict, batch_size=4)
     assert Path(strict.output_dir, "data_errors.jsonl").read_text().strip()
+
+
+def test_several_passes_stream_every_row_once_per_pass(tiny_config):
+    from af3dist.data.pipeline import read_split
+
+    one = [r["audiocap_id"] for r in read_split(tiny_config.data, "train").iter_rows()]
+    three = [r["audiocap_id"] for r in read_split(tiny_config.data, "train", epoch=0, epochs=3).iter_rows()]
+    assert len(three) == 3 * len(one)
+    assert all(three.count(i) == 3 for i in set(one))
+    assert three[: len(one)] == one  # pass 0 comes first, in its seeded order

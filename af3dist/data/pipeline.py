@@ -111,13 +111,15 @@ def read_split(cfg: DataConfig, split: str, epoch: int = 0, epochs: int = 1) -> 
     start-up of a new execution every epoch.
     """
     files = split_files(cfg.source, split)
-    paths: list[str] = []
+    passes = []
     for e in range(epoch, epoch + epochs):
         order = list(files.paths)
         if cfg.shuffle:
             random.Random(cfg.seed * 1_000_003 + e).shuffle(order)
-        paths.extend(order)
-    ds = ray.data.read_parquet(paths, filesystem=files.arrow_filesystem(), columns=AUDIOCAPS_COLUMNS)
+        # One read per pass: a single read_parquet given the same file twice reads it once.
+        passes.append(ray.data.read_parquet(order, filesystem=files.arrow_filesystem())
+                      .select_columns(AUDIOCAPS_COLUMNS))
+    ds = passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]
     ds.context.execution_options.preserve_order = True
     return ds
 
