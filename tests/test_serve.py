@@ -232,6 +232,25 @@ def test_health_readiness_and_runtime_batch_settings(served):
     assert stats["batch_sizes"][: len(replica_before["batch_sizes"])] == replica_before["batch_sizes"]
 
 
+def test_prometheus_metrics_reach_rays_endpoint(served):
+    import ray
+
+    assert chat(served["url"], good_body(make_clips()[1], "wav")).status_code == 200
+    chat(served["url"], good_body(b"not audio at all" * 8, "wav"))  # an error, counted by its code
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = ("ray_af3dist_requests", "ray_af3dist_request_latency_s_bucket", "ray_af3dist_batch_size_bucket",
+              "ray_af3dist_request_errors")
+    deadline, text = time.time() + 90, ""
+    while time.time() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, missing
+    assert 'route="chat_completions"' in text and "ray_serve_" in text  # beside Serve's own metrics
+
+
 @pytest.mark.slow
 def test_autoscaling_up_under_load_and_back_down(served):
     from ray import serve
