@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 # What the model stage needs per row (CaptionPredictor's input), besides the id.
 MODEL_COLUMNS = ["input_ids", "input_features", "input_features_mask", "num_windows", "num_tokens"]
+MAX_INPUT_BLOCKS = 4096
 
 
 class BatchCaptionConfig(BaseModel):
@@ -276,14 +277,18 @@ def build_pipeline(cfg: BatchCaptionConfig, plan: InputPlan, todo: list[int], pr
     if plan.kind == "files":
         table = pa.table({"id": [plan.ids[i] for i in todo], "path": [plan.paths[i] for i in todo],
                           "location": [plan.locations[i] for i in todo]})
-        ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=cfg.read_batch_size)
+        # blocks of read_batch_size rows (at most MAX_INPUT_BLOCKS of them) so reads spread over every CPU;
+        # no repartition operator, whose tasks each hold a whole CPU that the model actors may need
+        rows_per_block = max(cfg.read_batch_size, -(-len(todo) // MAX_INPUT_BLOCKS))
+        ds = ray.data.from_arrow(table, override_num_blocks=max(1, -(-len(todo) // rows_per_block)))
         ds = ds.map_batches(read_file_rows, fn_kwargs=dict(max_bytes=int(cfg.max_file_mb * 2**20)), **task)
     else:
         files = plan.parquet
         columns = ["audio", plan.key_column] + (["youtube_id", "start_time"] if plan.key_column == "audiocap_id"
                                                 else [])
-        ds = ray.data.read_parquet(files.paths, filesystem=files.arrow_filesystem(), columns=columns)
-        ds = ds.repartition(target_num_rows_per_block=cfg.read_batch_size)
+        # one block per row group; at scale the many row groups in flight keep every CPU busy
+        ds = ray.data.read_parquet(files.paths, filesystem=files.arrow_filesystem(), columns=columns,
+                                   num_cpus=cfg.cpus_per_task)
         keep = frozenset(plan.row_keys[i] for i in todo)
         ds = ds.map_batches(read_parquet_rows, fn_kwargs=dict(key_column=plan.key_column, keep=keep), **task)
     ds = ds.map_batches(featurize_clip_rows, fn_kwargs=dict(processor=processor, prompt=cfg.prompt,
