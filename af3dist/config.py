@@ -176,6 +176,7 @@ class ServeConfig(_Section):
     cpus_per_replica: float = Field(1.0, ge=0)
     gpus_per_replica: float = Field(0.0, ge=0)
     ingress_replicas: int = Field(1, ge=1)
+    ingress_max_ongoing_requests: int = Field(256, ge=1, description="concurrent requests per gateway replica")
 
     _expand_adapters = field_validator("adapters")(lambda cls, v: {k: expand_path(p) for k, p in v.items()})
 

@@ -357,5 +357,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     settings = {"serve": serve_cfg.model_dump(), "model": model, "prompt": cfg.data.prompt,
                 "base_name": serve_cfg.model_name or served_name(model)}
     model_app = model_deployment(serve_cfg).bind(model, serve_cfg.adapters, cfg.model.dtype)
+    # The gateway mostly waits on the model: it must hold many more requests than Serve's default of 5,
+    # or it, not the model, caps the batch size.
     return Gateway.options(num_replicas=serve_cfg.ingress_replicas,
+                           max_ongoing_requests=serve_cfg.ingress_max_ongoing_requests,
                            ray_actor_options={"num_cpus": 0.25}).bind(model_app, settings)
