@@ -312,6 +312,7 @@ class Progress:
         self.done = self.errors = 0
         self.start = self._last = time.perf_counter()
         self.first: tuple[float, int] | None = None  # (time, clips) of the first results: start-up is over
+        self._reported = -1
         self.last = self.start
 
     def update(self, done: int, errors: int) -> None:
@@ -333,8 +334,10 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         return self.done / elapsed if elapsed > 0 else 0.0
 
-    def report(self) -> None:
-        self._last = time.perf_counter()
+    def report(self, final: bool = False) -> None:
+        if final and self._reported == self.done:
+            return
+        self._last, self._reported = time.perf_counter(), self.done
         rate = self.rate()
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         pct = 100 * self.done / self.total if self.total else 100.0
@@ -414,7 +417,7 @@ def run_batch_caption(cfg: BatchCaptionConfig, printer=print) -> dict:
             progress.update(len(rows), sum(1 for r in rows if r["error"]))
         writer.flush()
         pipeline_s = time.perf_counter() - t1
-        progress.report()
+        progress.report(final=True)
 
     after = read_done_ids(cfg.output)
     in_output = set(after)
