@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from af3dist.assets import prepare_embedded
@@ -16,18 +15,12 @@ from af3dist.cluster import init_ray
 from af3dist.config import Config
 from af3dist.data.pipeline import build_dataset
 from af3dist.data.source import read_references
+from af3dist.fsutil import write_text
 from af3dist.inference import CaptionPredictor
 from af3dist.metrics import caption_metrics
 from af3dist.model.loading import adapter_base, is_adapter
 
 log = logging.getLogger(__name__)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def evaluate(cfg: Config, model: str, out_dir: str, adapter: str | None = None, split: str | None = None,
@@ -55,8 +48,8 @@ def evaluate(cfg: Config, model: str, out_dir: str, adapter: str | None = None, 
     metrics = {"model": model, "adapter": adapter, "split": split,
                **caption_metrics(predictions, refs), "clips_missing": len(clips) - len(predictions)}
     out = Path(out_dir)
-    _write_atomic(out / "predictions.jsonl", "".join(
+    write_text(str(out / "predictions.jsonl"), "".join(
         json.dumps({"clip_id": c, "prediction": predictions[c], "references": refs[c]}) + "\n"
         for c in sorted(predictions)))
-    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_text(str(out / "metrics.json"), json.dumps(metrics, indent=2))
     return metrics

@@ -13,12 +13,10 @@ fill) are excluded on both. The last line is one JSON object with `seed_samples_
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 GLOBAL_BATCH = 16

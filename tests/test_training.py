@@ -12,7 +12,6 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
-import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor

@@ -8,12 +8,11 @@ training run on what little is left.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
-from pathlib import Path
 
-import fsspec
 import ray
+
+from af3dist.fsutil import write_text
 
 
 class DataQualityError(RuntimeError):
@@ -59,14 +58,7 @@ class ErrorCounts:
     def write(self, path: str) -> str:
         """Write the dropped rows as JSONL, whole or not at all (temp file, then rename on local disk)."""
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows)
-        if "://" in path:
-            with fsspec.open(path, "w") as f:
-                f.write(text)
-            return path
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        Path(tmp).write_text(text)
-        os.replace(tmp, path)
+        write_text(path, text)
         return path
 
 

@@ -57,6 +57,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
 
+from af3dist.fsutil import building_file
+
 __all__ = [
     "SOUND_CLASSES",
     "SPLITS",
@@ -771,13 +773,8 @@ def _clip_table(specs: Sequence[ClipSpec]) -> pa.Table:
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
     """Write ``table`` to ``path`` via a temp file in the same directory + ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with building_file(path) as tmp:
         pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE, compression="snappy")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _resolve_long_clips(long_clips: int | Mapping[str, int]) -> dict[str, int]:

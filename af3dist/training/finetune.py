@@ -22,8 +22,8 @@ from af3dist.cluster import init_ray
 from af3dist.config import Config, ConfigError, dump_config
 from af3dist.data.errors import ErrorCounts, ErrorLedger
 from af3dist.data.pipeline import build_dataset
-from af3dist.fsutil import building_folder
 from af3dist.data.source import count_rows, read_references
+from af3dist.fsutil import building_folder, write_text
 from af3dist.training.loop import train_loop_per_worker
 from af3dist.training.state import ADAPTER_DIR, join
 
@@ -77,13 +77,6 @@ def check_run(cfg: Config) -> None:
                               f"to start over")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _copy_folder_atomic(src: Path, dst: Path) -> None:
     with building_folder(dst) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
@@ -127,7 +120,7 @@ def finetune(cfg: Config) -> dict:
     init_ray(cfg.ray)
     check_run(cfg)
     if "://" not in cfg.output_dir:
-        _write_text_atomic(Path(cfg.output_dir, RESOLVED_CONFIG), dump_config(cfg))
+        write_text(str(Path(cfg.output_dir, RESOLVED_CONFIG)), dump_config(cfg))
 
     tc = cfg.train
     ledgers = {split: ErrorLedger.remote(cfg.data.error_rate_ceiling, cfg.data.min_rows_before_ceiling)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import fsspec
+
+from af3dist.fsutil import write_text
 
 TRAINER_STATE = "trainer_state.json"
 ADAPTER_DIR = "adapter"
@@ -63,14 +64,7 @@ class MetricsLog:
     def log(self, record: dict) -> None:
         self.records.append(record)
         text = "".join(json.dumps(r) + "\n" for r in self.records)
-        if "://" in self.path:
-            with fsspec.open(self.path, "w") as f:
-                f.write(text)
-        else:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{self.path}.tmp-{os.getpid()}"
-            Path(tmp).write_text(text)
-            os.replace(tmp, self.path)
+        write_text(self.path, text)
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
