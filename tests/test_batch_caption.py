@@ -182,8 +182,10 @@ def test_every_codec_and_rate_with_bad_files_captions_like_the_captioner(tiny_mo
     expected = reference_captions(tiny_model_dir, {n: audio / n for n in names})
     assert {n: rows[n]["caption"] for n in names} == expected
 
-    again = run_batch_caption(job(tiny_model_dir, audio, out))  # a rerun finds nothing left to do
+    lines: list[str] = []  # a rerun finds nothing left to do, and says when the output used another prompt
+    again = run_batch_caption(job(tiny_model_dir, audio, out, prompt="What do you hear?"), printer=lines.append)
     assert again["skipped"] == len(rows) and again["captioned"] == again["errors"] == 0 and again["complete"]
+    assert any("another model or prompt" in line for line in lines)
     assert len(read_done_ids(str(out))) == len(rows)
 
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from af3dist.captioning.inputs import InputPlan, plan_inputs
 from af3dist.captioning.shards import (
-    SUMMARY_FILE, ShardWriter, read_done_ids, remove_temp_files, write_atomic,
+    SUMMARY_FILE, ShardWriter, read_done_ids, read_output, remove_temp_files, write_atomic,
 )
 from af3dist.cluster import init_ray
 from af3dist.config import ConfigError, RayConfig, _format_errors, expand_path
@@ -374,7 +374,13 @@ def run_batch_caption(cfg: BatchCaptionConfig, printer=print) -> dict:
     stale = remove_temp_files(cfg.output)
     if stale:
         log.info("removed %d temp files left by an interrupted run", stale)
-    done = set(read_done_ids(cfg.output))
+    existing = read_output(cfg.output, ["id", "model", "prompt"])
+    done = set(existing["id"].to_pylist())
+    others = {(m, p) for m, p in zip(existing["model"].to_pylist(), existing["prompt"].to_pylist())} - {
+        (_model_label(cfg.model, cfg.adapter), cfg.prompt)}
+    if others:
+        printer(f"[caption-batch] warning: {cfg.output} already holds rows from another model or prompt "
+                f"{sorted(others)[:3]}; their ids are skipped, not recaptioned")
     todo = [i for i, x in enumerate(plan.ids) if x not in done]
     skipped = len(plan) - len(todo)
     if cfg.limit is not None:
