@@ -5,7 +5,9 @@
 #   cluster/local.sh up [N]   head + N workers (default 1); prints the address and how to submit
 #   cluster/local.sh down     stops this cluster's processes (and only this cluster's) and removes its state
 #   cluster/local.sh status   `ray status` for this cluster
-#   cluster/local.sh env      the export lines a shell needs to talk to it (eval "$(cluster/local.sh env)")
+#   cluster/local.sh env      the export lines a shell needs to talk to it (eval "$(cluster/local.sh env)"):
+#                             RAY_ADDRESS (GCS), RAY_API_SERVER_ADDRESS (Jobs CLI), RAY_DASHBOARD_ADDRESS
+#                             (Serve CLI), RAY_AUTH_MODE=token
 #
 # Settings (environment):
 #   AF3_CLUSTER_DIR       state and Ray temp dir (default /tmp/af3dist-cluster; keep it short: Ray puts
@@ -78,7 +80,9 @@ ensure_token() {
 print_env() {
   # shellcheck disable=SC1090
   . "$STATE"
-  echo "export RAY_ADDRESS=$DASHBOARD_URL"
+  echo "export RAY_ADDRESS=$GCS_ADDRESS"                  # drivers started in this shell, ray status
+  echo "export RAY_API_SERVER_ADDRESS=$DASHBOARD_URL"     # ray job submit/status/logs, ray list
+  echo "export RAY_DASHBOARD_ADDRESS=$DASHBOARD_URL"      # serve deploy/status/shutdown
   echo "export RAY_AUTH_MODE=token"
   [ -n "${RAY_AUTH_TOKEN_PATH:-}" ] && echo "export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
   return 0
@@ -139,6 +143,10 @@ Submit a job from the repository root:
   eval "\$(cluster/local.sh env)"
   ray job submit --working-dir . --runtime-env cluster/runtime_env.local.yaml -- \\
       python -m ray_jobs.finetune --config tiny --output-dir /tmp/af3dist-runs/tiny
+  ray job logs <submission id>      # or the dashboard, http://127.0.0.1:$dash
+Deploy the Serve app (set proxy_location: HeadOnly in a copy of the config: the nodes here share one
+host, so only one proxy can hold the HTTP port):
+  serve deploy serving/serve_config.tiny.yaml
 Stop it with: cluster/local.sh down
 EOF
 }
