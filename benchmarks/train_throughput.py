@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,8 @@ model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
 ds = load_dataset("parquet", data_files=sorted(glob.glob(data_dir + "/data/train-*.parquet")), split="train", streaming=True)
 ds = ds.repeat(100) if hasattr(ds, "repeat") else ds
+from datasets import Audio
+ds = ds.cast_column("audio", Audio(decode=False))  # bytes as stored; decoded in the collator (below)
 
 def collate(rows):
     # torchcodec (datasets' Audio decoder) does not import beside this CPU torch: decode as the recipe
@@ -56,7 +59,10 @@ class Clock(TrainerCallback):
 
 args = TrainingArguments(output_dir=out, per_device_train_batch_size=%d, gradient_accumulation_steps=1,
     max_steps=steps, learning_rate=1e-4, logging_steps=10**6, save_strategy="no", report_to=[],
-    remove_unused_columns=False, dataloader_num_workers=0, use_cpu=True)
+    remove_unused_columns=False, dataloader_num_workers=0, use_cpu=True,
+    # accelerate's batch dispatching slices every tensor to the batch size: it would cut the extra log-mel
+    # window of a clip over 30 s (input_features has one row per window, not per clip)
+    accelerator_config={"dispatch_batches": False})
 Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[Clock()]).train()
 steady = (len(times) - 1 - skip) * %d / (times[-1] - times[skip])
 print(json.dumps({"samples_per_s": steady}))
@@ -71,15 +77,17 @@ def run_seed(model_dir: str, data_dir: str, steps: int, skip: int, work: Path) -
     return json.loads(out.stdout.strip().splitlines()[-1])["samples_per_s"]
 
 
-def run_ours(model_dir: str, data_dir: str, steps: int, skip: int, work: Path) -> tuple[float, float]:
+def run_ours(model_dir: str, data_dir: str, steps: int, skip: int, work: Path,
+             overrides: list[str]) -> tuple[float, float]:
     from af3dist.config import load_config
     from af3dist.training.finetune import finetune
 
+    shutil.rmtree(work / "ours", ignore_errors=True)  # a leftover run would be resumed, not measured
     cfg = load_config("tiny", [f"model.name_or_path={model_dir}", "model.build_tiny=null", f"data.source={data_dir}",
                                "data.synthetic=null", f"output_dir={work / 'ours'}", f"train.max_steps={steps}",
                                "train.num_workers=2", f"train.micro_batch_size={GLOBAL_BATCH // 2}",
                                f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "train.log_every=1",
-                               "train.eval_caption_clips=0"])
+                               "train.eval_caption_clips=0", *overrides])
     finetune(cfg)
     records = [json.loads(l) for l in (work / "ours" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
@@ -87,7 +95,9 @@ def run_ours(model_dir: str, data_dir: str, steps: int, skip: int, work: Path) -
     a, b = train[skip - 1], train[-1]
     t_a = a["step"] * GLOBAL_BATCH / a["samples_per_s"]
     t_b = b["step"] * GLOBAL_BATCH / b["samples_per_s"]
-    return (b["step"] - a["step"]) * GLOBAL_BATCH / (t_b - t_a), b["data_wait_fraction"]
+    # the same steady window for the data wait: the pipeline's fill before the first batch is start-up
+    wait = (b["data_wait_s"] - a["data_wait_s"]) / (b["data_wait_s"] + b["compute_s"] - a["data_wait_s"] - a["compute_s"])
+    return (b["step"] - a["step"]) * GLOBAL_BATCH / (t_b - t_a), wait
 
 
 def main() -> None:
@@ -95,6 +105,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--skip", type=int, default=10)
     parser.add_argument("--workdir")
+    parser.add_argument("--set", action="append", default=[], metavar="section.field=value",
+                        help="config overrides for our run (default: the tiny preset as it is)")
+    parser.add_argument("--skip-seed", action="store_true", help="measure only ours (no vs_seed)")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="af3dist-train-bench-"))
     from af3dist.assets import tokenizer_corpus
@@ -107,14 +120,15 @@ def main() -> None:
     if not (work / "audiocaps" / "data").is_dir():
         make_synthetic_audiocaps(data_dir, train_clips=256, validation_clips=8, test_clips=8)
     print(f"[bench] upstream recipe (HF Trainer + peft), {args.steps} steps of {GLOBAL_BATCH}", flush=True)
-    seed = run_seed(model_dir, data_dir, args.steps, args.skip, work)
+    seed = float("nan") if args.skip_seed else run_seed(model_dir, data_dir, args.steps, args.skip, work)
     print(f"[bench] seed: {seed:.2f} samples/s", flush=True)
     print(f"[bench] af3dist (Ray Train + DeepSpeed ZeRO-2, 2 workers x {GLOBAL_BATCH // 2})", flush=True)
-    ours, wait = run_ours(model_dir, data_dir, args.steps, args.skip, work)
+    ours, wait = run_ours(model_dir, data_dir, args.steps, args.skip, work, args.set)
     print(f"[bench] ours: {ours:.2f} samples/s, data wait {wait:.0%}", flush=True)
     print(json.dumps({"seed_samples_per_s": round(seed, 3), "ours_samples_per_s": round(ours, 3),
                       "vs_seed": round(ours / seed, 3), "data_wait_fraction": round(wait, 3),
-                      "global_batch": GLOBAL_BATCH, "steps": args.steps, "skipped_steps": args.skip}))
+                      "global_batch": GLOBAL_BATCH, "steps": args.steps, "skipped_steps": args.skip,
+                      "overrides": args.set}))
 
 
 if __name__ == "__main__":

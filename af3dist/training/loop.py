@@ -211,6 +211,7 @@ class Worker:
             done = step - start_step
             record["samples_per_s"] = done * tc.micro_batch_size * tc.grad_accum_steps * self.world / elapsed
             record["data_wait_fraction"] = wait / max(wait + compute, 1e-9)
+            record["data_wait_s"], record["compute_s"] = round(wait, 4), round(compute, 4)
             if self.rank == 0:
                 eta = elapsed / max(done, 1) * (tc.max_steps - step)
                 print(f"[train] step {step}/{tc.max_steps} | {record['samples_per_s']:.1f} samples/s | "
