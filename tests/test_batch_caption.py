@@ -135,9 +135,9 @@ def test_shards_appear_whole_and_temp_files_are_ignored(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         writer.flush()
     monkeypatch.undo()
-    (out / ".tmp-part-r0-00000.parquet.123").write_bytes(b"PAR1 half a file")
+    (out / ".part-r0-00000.parquet.tmp-123").write_bytes(b"PAR1 half a file")
     assert len(list_shards(str(out))) == 2 and read_done_ids(str(out)) == ["0", "1", "2", "3"]
-    assert remove_temp_files(str(out)) == 1 and not list(out.glob(".tmp-*"))
+    assert remove_temp_files(str(out)) == 1 and not list(out.glob(".*"))
     jsonl = ShardWriter(str(out), "jsonl", shard_rows=10, run_id="r2")
     jsonl.add(rows[4:])
     jsonl.flush()
@@ -260,7 +260,7 @@ def test_killed_run_resumes_and_every_clip_is_written_exactly_once(tiny_model_di
     assert summary["skipped"] == len(before) and summary["complete"]
     assert summary["captioned"] + summary["errors"] == len(names) + len(BAD) - len(before)
     assert_exactly_once(out, set(names) | set(BAD))
-    assert not list(out.glob(".tmp-*"))
+    assert not list(out.glob(".part-*"))
     rows = {r["id"]: r for r in read_output(str(out)).to_pylist()}
     assert {n for n, r in rows.items() if r["error"]} == set(BAD)
     # the captions of both runs match the Captioner's on a sample

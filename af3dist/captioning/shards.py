@@ -1,7 +1,8 @@
 """The output of a captioning run: shards that appear whole or not at all, and what they already hold.
 
 Shards are `part-<run>-<seq>.parquet` (or `.jsonl`) in the output folder, local or any fsspec URL. On local
-disk a shard is written under a dot-prefixed temp name and renamed into place; on object stores it is one
+disk a shard is written under a dot-prefixed temp name (`fsutil.building_file`) and renamed into place,
+after an fsync; on object stores it is one
 upload, which becomes visible only when complete. Readers take `part-*` files only, so a run killed midway
 leaves finished shards and, at worst, a temp file that nothing reads (and the next run removes).
 """
@@ -21,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from af3dist.fsutil import building_file
+
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()), ("path", pa.string()), ("caption", pa.string()), ("duration_s", pa.float32()),
     ("model", pa.string()), ("prompt", pa.string()), ("error", pa.string()),
@@ -28,8 +31,12 @@ OUTPUT_SCHEMA = pa.schema([
 OUTPUT_COLUMNS = OUTPUT_SCHEMA.names
 FORMATS = ("parquet", "jsonl")
 SHARD_PREFIX = "part-"
-TEMP_PREFIX = ".tmp-"
 SUMMARY_FILE = "_summary.json"
+
+
+def is_temp(name: str) -> bool:
+    """A file `fsutil.building_file` was writing (`.<name>.tmp-<pid>`) when its run was killed."""
+    return name.startswith(f".{SHARD_PREFIX}") and ".tmp-" in name
 
 
 def is_shard(name: str) -> bool:
@@ -79,7 +86,7 @@ def remove_temp_files(output: str) -> int:
     fs, root = _fs(output)
     if not fs.isdir(root):
         return 0
-    stale = [p for p in fs.ls(root, detail=False) if posixpath.basename(p).startswith(TEMP_PREFIX)]
+    stale = [p for p in fs.ls(root, detail=False) if is_temp(posixpath.basename(p))]
     for p in stale:
         fs.rm(p)
     return len(stale)
@@ -100,17 +107,10 @@ def write_atomic(output: str, name: str, data: bytes) -> str:
     fs.makedirs(root, exist_ok=True)
     final = f"{root}/{name}"
     if isinstance(fs, LocalFileSystem):
-        tmp = f"{root}/{TEMP_PREFIX}{name}.{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with building_file(final) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not publish a shard whose bytes are not on disk yet
     else:  # object stores: a single upload is atomic
         fs.pipe_file(final, data)
     return final
