@@ -214,22 +214,37 @@ def test_adapters_are_chosen_by_model_and_evicted_lru(served):
 
 
 def test_health_readiness_and_runtime_batch_settings(served):
+    """`serve deploy` of a config whose only change is the model deployment's user_config updates the
+    running replica in place (reconfigure), keeping what it has served so far."""
     from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
 
     assert requests.get(f"{served['url']}/healthz", timeout=10).json() == {"status": "ok"}
     assert requests.get(f"{served['url']}/readyz", timeout=10).status_code == 200
-    handle = serve.get_deployment_handle("AF3Model", "af3dist")
-    replica_before = handle.stats.remote().result()
-    assert replica_before["max_batch_size"] == 8
-    # A new user_config reaches the running replica through reconfigure(), without a restart.
-    from af3dist.server.app import build_app
 
-    args = {**served["args"], "overrides": overrides(max_batch_size=3)}
-    serve.run(build_app(args), name="af3dist", route_prefix="/")
-    wait_http(f"{served['url']}/readyz")
-    stats = handle.stats.remote().result()
-    assert stats["max_batch_size"] == 3
-    assert stats["batch_sizes"][: len(replica_before["batch_sizes"])] == replica_before["batch_sizes"]
+    def deploy(max_batch_size: int) -> None:
+        # What `serve deploy` sends through the dashboard, given to the controller directly (no dashboard here).
+        app = {"name": "reconf", "route_prefix": "/reconf", "import_path": "serving.app:build_app",
+               "args": {"config": "tiny", "model": served["model"], "overrides": overrides()},
+               "deployments": [{"name": "AF3Model", "user_config": {"max_batch_size": max_batch_size,
+                                                                    "batch_wait_timeout_s": 0.3}}]}
+        _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]), _blocking=True)
+
+    deploy(8)
+    handle = serve.get_deployment_handle("AF3Model", "reconf")
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: chat(f"{served['url']}/reconf", good_body(make_clips()[i], FORMATS[i])), range(4)))
+    before = handle.stats.remote().result()
+    assert before["max_batch_size"] == 8 and sum(before["batch_sizes"]) == 4
+    deploy(3)
+    deadline = time.time() + 60
+    while handle.stats.remote().result()["max_batch_size"] != 3 and time.time() < deadline:
+        time.sleep(0.5)
+    after = handle.stats.remote().result()
+    assert after["max_batch_size"] == 3
+    assert after["batch_sizes"] == before["batch_sizes"]  # the same replica: not restarted
+    serve.delete("reconf")
 
 
 def test_prometheus_metrics_reach_rays_endpoint(served):
