@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-s", type=float, default=0.02)
+    parser.add_argument("--set", action="append", default=[], metavar="serve.field=value",
+                        help="more config overrides, applied to both modes (e.g. serve.ingress_replicas=2)")
     args = parser.parse_args()
 
     import ray
@@ -108,7 +110,7 @@ def main() -> None:
     for mode, batch in (("batched", args.max_batch_size), ("unbatched", 1)):
         overrides = [f"serve.max_batch_size={batch}", f"serve.batch_wait_timeout_s={args.batch_wait_s}",
                      "serve.max_ongoing_requests=64", "serve.cpus_per_replica=0",
-                     f"serve.default_max_tokens={args.max_tokens}"]
+                     f"serve.default_max_tokens={args.max_tokens}", *args.set]
         serve.run(build_app({"config": "tiny", "model": model, "overrides": overrides}), name="bench",
                   route_prefix="/")
         while requests.get(f"{url}/readyz", timeout=10).status_code != 200:
@@ -134,6 +136,7 @@ def main() -> None:
         "batched_rps_c8": round(b[8]["rps"], 2), "unbatched_rps_c8": round(u[8]["rps"], 2),
         "unbatched_p50_ms_c1": round(u[1]["p50_ms"], 1),
         "failures": sum(r["failures"] for m in results.values() for r in m.values()),
+        "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size, "overrides": args.set,
     }
     print(json.dumps(summary))
 
