@@ -190,6 +190,7 @@ class Worker:
                     continue
                 self.state.step = self.engine.global_steps
                 self._after_step(last_loss, start, start_step, wait, compute, metrics_log)
+                t0 = time.perf_counter()  # evaluation and checkpoints are neither data wait nor step time
                 if self.state.step >= tc.max_steps:
                     break
             else:  # the shard is exhausted: next epoch
