@@ -233,7 +233,8 @@ def test_killed_run_resumes_and_every_clip_is_written_exactly_once(tiny_model_di
     import ray
 
     audio = tmp_path / "audio"
-    names = write_clips(audio, 40, seconds=1.0, seed=5)
+    # Enough clips that the kill lands mid-run even when results arrive a block at a time.
+    names = write_clips(audio, 120, seconds=1.0, seed=5)
     plant_bad_files(audio)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "ray_jobs.batch_caption", "--model", tiny_model_dir, "--input", str(audio),
@@ -242,7 +243,7 @@ def test_killed_run_resumes_and_every_clip_is_written_exactly_once(tiny_model_di
     first = subprocess.Popen(cmd, env=env, cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list_shards(str(out))) < 2 and first.poll() is None:
+    while time.time() < deadline and not list_shards(str(out)) and first.poll() is None:
         time.sleep(0.05)
     assert first.poll() is None, f"the first run ended before it could be killed: {first.stderr.read()[-2000:]}"
     first.send_signal(signal.SIGKILL)
@@ -250,7 +251,7 @@ def test_killed_run_resumes_and_every_clip_is_written_exactly_once(tiny_model_di
     time.sleep(2)  # let Ray tear down the dead driver's actors
 
     before = read_done_ids(str(out))
-    assert 8 <= len(before) < len(names) + len(BAD) and len(before) == len(set(before))
+    assert 4 <= len(before) < len(names) + len(BAD) and len(before) == len(set(before))
     for shard in list_shards(str(out)):  # whatever a reader sees is a whole shard
         assert pq.read_table(shard).num_rows == 4
 
