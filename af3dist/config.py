@@ -243,7 +243,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
 
 
-def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
+def format_errors(err: ValidationError, model: type[BaseModel]) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
@@ -266,7 +266,7 @@ def validate(data: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, Config)) from None
+        raise ConfigError(format_errors(err, Config)) from None
 
 
 def load_config(name_or_path: str = "tiny", overrides: list[str] | None = None) -> Config:

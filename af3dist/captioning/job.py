@@ -20,7 +20,6 @@ import time
 from collections import Counter
 from typing import Any, Literal
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import ray
@@ -31,10 +30,10 @@ from af3dist.captioning.shards import (
     SUMMARY_FILE, ShardWriter, read_done_ids, read_output, remove_temp_files, write_atomic,
 )
 from af3dist.cluster import init_ray
-from af3dist.config import ConfigError, RayConfig, _format_errors, expand_path
-from af3dist.data.audio import TARGET_SAMPLING_RATE, ClipError, load_waveform
+from af3dist.config import ConfigError, RayConfig, expand_path, format_errors
+from af3dist.data.audio import TARGET_SAMPLING_RATE, ClipError, load_waveform, read_audio_file
 from af3dist.data.features import Featurizer, load_processor
-from af3dist.data.pipeline import _ragged
+from af3dist.data.pipeline import ragged
 from af3dist.inference import DEFAULT_PROMPT, CaptionPredictor
 from af3dist.model.loading import resolve_model
 
@@ -99,7 +98,7 @@ class BatchCaptionConfig(BaseModel):
         try:
             return cls(**kwargs)
         except ValidationError as err:
-            raise ConfigError(_format_errors(err, cls)) from None
+            raise ConfigError(format_errors(err, cls)) from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -112,35 +111,12 @@ def _out(ids: list, paths: list, data: list, errors: list) -> dict[str, np.ndarr
             "bytes": np.array(data, dtype=object), "error": np.array(errors, dtype=object)}
 
 
-_FILESYSTEMS: dict[str, fsspec.AbstractFileSystem] = {}
-
-
-def _read_one(location: str, max_bytes: int) -> bytes:
-    if not location:
-        raise ClipError("missing_audio", "no path given")
-    protocol = location.split("://", 1)[0] if "://" in location else "file"
-    fs = _FILESYSTEMS.get(protocol)
-    if fs is None:
-        fs = _FILESYSTEMS[protocol] = fsspec.core.url_to_fs(location)[0]
-    try:
-        with fs.open(location, "rb") as f:
-            size = getattr(f, "size", None)
-            if size is not None and size > max_bytes:
-                raise ClipError("too_long", f"the file is {size / 2**20:.0f} MB, over the "
-                                            f"{max_bytes / 2**20:.0f} MB limit")
-            return f.read()
-    except ClipError:
-        raise
-    except Exception as e:  # missing, permission, dangling link, a folder, network: one reason
-        raise ClipError("unreadable", f"{type(e).__name__}: {e}") from None
-
-
 def read_file_rows(batch: dict[str, np.ndarray], *, max_bytes: int) -> dict[str, np.ndarray]:
     """(id, path, location) -> (id, path, bytes, error): each file's bytes, or why it cannot be read."""
     data, errors = [], []
     for location in batch["location"]:
         try:
-            data.append(_read_one(str(location), max_bytes))
+            data.append(read_audio_file(str(location), max_bytes))
             errors.append("")
         except ClipError as e:
             data.append(b"")
@@ -204,7 +180,7 @@ def featurize_clip_rows(batch: dict[str, np.ndarray], *, processor: str, prompt:
         "duration_s": np.array(cols["duration_s"], dtype=np.float32), "error": np.array(cols["error"], dtype=object),
         "num_windows": np.array(cols["num_windows"], dtype=np.int32),
         "num_tokens": np.array(cols["num_tokens"], dtype=np.int32),
-        **{c: _ragged(cols[c]) for c in ("input_ids", "input_features", "input_features_mask")},
+        **{c: ragged(cols[c]) for c in ("input_ids", "input_features", "input_features_mask")},
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import struct
 
+import fsspec
 import numpy as np
 import soundfile as sf
 import soxr
@@ -120,3 +121,28 @@ def waveform_from_array(samples: np.ndarray, sampling_rate: int, quality: str = 
     if not np.isfinite(samples).all():
         raise ClipError("non_finite", "NaN or infinite samples")
     return to_mono_16k(samples, sampling_rate, quality)
+
+
+_FILESYSTEMS: dict[str, fsspec.AbstractFileSystem] = {}
+
+
+def read_audio_file(location: str, max_bytes: int) -> bytes:
+    """The bytes of an audio file at a local path or any fsspec URL; ClipError (missing_audio, too_long,
+    unreadable) when there is no path, the file is over `max_bytes`, or it cannot be read."""
+    if not location:
+        raise ClipError("missing_audio", "no path given")
+    protocol = location.split("://", 1)[0] if "://" in location else "file"
+    fs = _FILESYSTEMS.get(protocol)
+    if fs is None:
+        fs = _FILESYSTEMS[protocol] = fsspec.core.url_to_fs(location)[0]
+    try:
+        with fs.open(location, "rb") as f:
+            size = getattr(f, "size", None)
+            if size is not None and size > max_bytes:
+                raise ClipError("too_long", f"the file is {size / 2**20:.0f} MB, over the "
+                                            f"{max_bytes / 2**20:.0f} MB limit")
+            return f.read()
+    except ClipError:
+        raise
+    except Exception as e:  # missing, permission, dangling link, a folder, network: one reason
+        raise ClipError("unreadable", f"{type(e).__name__}: {e}") from None

@@ -26,7 +26,7 @@ EXAMPLE_COLUMNS = ["id", "clip_id", "caption", "duration_s", "num_tokens", "num_
                    "input_ids", "labels", "input_features", "input_features_mask"]
 
 
-def _ragged(items: list[np.ndarray]) -> np.ndarray:
+def ragged(items: list[np.ndarray]) -> np.ndarray:
     """An object array of per-row arrays, which Ray Data stores as a variable-shaped tensor column."""
     out = np.empty(len(items), dtype=object)
     out[:] = items
@@ -68,7 +68,7 @@ def decode_rows(batch: dict[str, np.ndarray], *, split: str, max_seconds: float,
         "clip_id": np.array(out["clip_id"], dtype=object),
         "caption": np.array(out["caption"], dtype=object),
         "duration_s": np.array(out["duration_s"], dtype=np.float32),
-        "waveform": _ragged(out["waveform"]),
+        "waveform": ragged(out["waveform"]),
     }
 
 
@@ -99,7 +99,7 @@ def featurize_rows(batch: dict[str, np.ndarray], *, processor: str, prompt: str,
         "duration_s": np.array(cols["duration_s"], dtype=np.float32),
         "num_tokens": np.array(cols["num_tokens"], dtype=np.int32),
         "num_windows": np.array(cols["num_windows"], dtype=np.int32),
-        **{c: _ragged(cols[c]) for c in ("input_ids", "labels", "input_features", "input_features_mask")},
+        **{c: ragged(cols[c]) for c in ("input_ids", "labels", "input_features", "input_features_mask")},
     }
 
 

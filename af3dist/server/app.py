@@ -29,7 +29,7 @@ from ray.util import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from af3dist.config import Config, ServeConfig, load_config
-from af3dist.data.audio import ClipError
+from af3dist.data.audio import ClipError, read_audio_file
 from af3dist.server.engine import Engine, GenRequest, GenResult, featurize
 from af3dist.server.protocol import (DONE, ApiError, ChatRequest, chat_completion, chunk, completion_id,
                                      error_body, parse_chat_request, parse_json)
@@ -166,14 +166,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _read_location(location: str) -> bytes:
-    import fsspec
-
+def _read_allowed_audio(location: str, max_bytes: int) -> bytes:
+    """An allow-listed path or URL's bytes (parse_chat_request has checked the allow-list)."""
     try:
-        with fsspec.open(location, "rb") as f:
-            return f.read()
-    except (OSError, ValueError) as err:
-        raise ApiError(400, f"cannot read audio at {location!r}: {err}", code="missing_audio") from None
+        return read_audio_file(location, max_bytes)
+    except ClipError as err:
+        raise ApiError(400, f"cannot read audio at {location!r}: {err}", param="audio", code=err.reason) from None
 
 
 @serve.deployment(name="Gateway")
@@ -280,7 +278,7 @@ class Gateway:
             chat: ChatRequest = parse_chat_request(parse_json(body), self.cfg)
             adapter = self._adapter_for(chat.model)
             audio = chat.audio.data if chat.audio.data is not None else await asyncio.to_thread(
-                _read_location, chat.audio.location)
+                _read_allowed_audio, chat.audio.location, int(self.cfg.max_body_mb * 2**20))
             result = await self._generate(audio, chat.prompt, adapter, chat.max_tokens, chat.temperature,
                                           chat.top_p, chat.seed)
             model_name = adapter or self.base_name
