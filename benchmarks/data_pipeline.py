@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Data-plane throughput: clips/s for decode + resample + log-mel + chat template/tokenize, three ways.
 
-    .venv/bin/python benchmarks/data_pipeline.py [--clips 400] [--seconds 10] [--set data.decode_batch_size=8]
+    .venv/bin/python benchmarks/data_pipeline.py [--clips 400] [--seconds 10] [--set data.cpus_per_data_task=0.5]
 
 Builds into a temp dir (kept with --workdir) a tiny AF3 (`build_tiny_model`) and synthetic AudioCaps-layout
 shards `data/train-0000K-of-0000N.parquet` (columns audio{bytes,path}, caption, audiocap_id, youtube_id,
@@ -48,10 +48,8 @@ PROMPT = "Describe the audio."
 # - one CPU per data task: a task is single-threaded decode/resample/STFT work, and a fractional value
 #   runs more tasks than the worker pool keeps processes for, so extra workers are started (imports,
 #   processor load) and killed again every epoch;
-# - 32 rows per data task: build_dataset cuts the stream into blocks of decode_batch_size rows, one task
-#   each, and every task costs Ray ~0.2-0.3 s of idle worker time here; 8-row tasks (~0.3 s of work)
-#   leave the workers idle a third of the time (measured: 23 clips/s at 8, 28 at 16, 30-32 at 32 on 2 CPUs).
-DEFAULT_OVERRIDES = ["data.cpus_per_data_task=1", "data.decode_batch_size=32"]
+# (a task reads, decodes and featurizes one parquet row group, so rows per task come from the shards).
+DEFAULT_OVERRIDES = ["data.cpus_per_data_task=1"]
 
 
 # ----------------------------------------------------------------------------------------- building inputs
@@ -465,6 +463,8 @@ def run_child(mode: str, ctx: dict, timeout: float) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", RAY_DEDUP_LOGS="0", PYTHONWARNINGS="ignore")
     env.pop("RAY_ADDRESS", None)
+    if mode == "bare":  # one core: numpy's BLAS (the stereo downmix) would otherwise spin a thread per core
+        env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", mode, "--_ctx", json.dumps(ctx)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -1,7 +1,8 @@
 """The Ray Data pipeline: AudioCaps parquet -> decoded 16 kHz audio -> AF3 model inputs, streaming.
 
-Stages (CPU `map_batches` tasks, fused by Ray Data, spread over the cluster's CPUs):
-  read_parquet (files shuffled from a seed) -> decode_rows (decode, downmix, resample, validate)
+Stages (CPU `map_batches` tasks, fused by Ray Data into one task per parquet row group, spread over the
+cluster's CPUs):
+  read_row_groups (shards shuffled from a seed) -> decode_rows (decode, downmix, resample, validate)
   -> featurize_rows (log-mel windows, chat template, `<sound>` expansion, labels).
 Rows that cannot become training examples are dropped and reported to an ErrorLedger.
 """
@@ -9,9 +10,12 @@ Rows that cannot become training examples are dropped and reported to an ErrorLe
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from ray.data import Dataset
 
@@ -19,7 +23,7 @@ from af3dist.config import DataConfig
 from af3dist.data.audio import TARGET_SAMPLING_RATE, ClipError, load_waveform
 from af3dist.data.errors import report_errors
 from af3dist.data.features import Featurizer
-from af3dist.data.source import AUDIOCAPS_COLUMNS, clip_key, split_files
+from af3dist.data.source import AUDIOCAPS_COLUMNS, SplitFiles, clip_key, split_files
 
 # Columns a training or evaluation consumer gets from `build_dataset`.
 EXAMPLE_COLUMNS = ["id", "clip_id", "caption", "duration_s", "num_tokens", "num_windows",
@@ -103,42 +107,79 @@ def featurize_rows(batch: dict[str, np.ndarray], *, processor: str, prompt: str,
     }
 
 
-def read_split(cfg: DataConfig, split: str, epoch: int = 0, epochs: int = 1) -> Dataset:
-    """The split's raw AudioCaps rows, streamed, for `epochs` passes starting at pass `epoch`.
+def row_groups(files: SplitFiles) -> list[tuple[str, int]]:
+    """(path, row group) of every row group of the split's shards, from the parquet footers only."""
+    units = []
+    for path in files.paths:
+        with files.filesystem.open(path, "rb") as f:
+            units += [(path, g) for g in range(pq.ParquetFile(f).num_row_groups)]
+    return units
 
-    Shard order is shuffled per pass from (seed, pass) when configured, and output order is preserved,
-    so a seed always gives the same row order. Several passes in one stream spare a trainer the
-    start-up of a new execution every epoch.
+
+def read_row_groups(batch: dict[str, np.ndarray], *, filesystem) -> Iterator[pa.Table]:
+    """(path, row_group) units -> the AudioCaps rows of each row group, one table per unit."""
+    for path, group in zip(batch["path"], batch["row_group"]):
+        with filesystem.open(str(path), "rb") as f:
+            yield pq.ParquetFile(f).read_row_group(int(group), columns=AUDIOCAPS_COLUMNS)
+
+
+def examples_from_row_groups(batch: dict[str, np.ndarray], *, filesystem, rows_per_batch: int,
+                             decode: dict[str, Any], featurize: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+    """(path, row_group) units -> model-ready examples, `rows_per_batch` rows at a time, in one task."""
+    for table in read_row_groups(batch, filesystem=filesystem):
+        for chunk in table.to_batches(max_chunksize=rows_per_batch):
+            yield featurize_rows(decode_rows(chunk.to_pydict(), **decode), **featurize)
+
+
+def plan_row_groups(cfg: DataConfig, split: str, epoch: int = 0, epochs: int = 1) -> tuple[SplitFiles, list[dict]]:
+    """The split's files and its (path, row_group) read units for `epochs` passes from pass `epoch`.
+
+    Shard order is shuffled per pass from (seed, pass) when configured; row groups keep their file order.
     """
     files = split_files(cfg.source, split)
-    passes = []
+    units = row_groups(files)
+    plan = []
     for e in range(epoch, epoch + epochs):
         order = list(files.paths)
         if cfg.shuffle:
             random.Random(cfg.seed * 1_000_003 + e).shuffle(order)
-        # One read per pass: a single read_parquet given the same file twice reads it once.
-        passes.append(ray.data.read_parquet(order, filesystem=files.arrow_filesystem())
-                      .select_columns(AUDIOCAPS_COLUMNS))
-    ds = passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]
-    ds.context.execution_options.preserve_order = True
+        rank = {path: i for i, path in enumerate(order)}
+        plan += [{"path": path, "row_group": group}
+                 for path, group in sorted(units, key=lambda unit: (rank[unit[0]], unit[1]))]
+    return files, plan
+
+
+def _units_dataset(plan: list[dict]) -> Dataset:
+    ds = ray.data.from_items(plan, override_num_blocks=len(plan))  # one read unit per block and task
+    ds.context.execution_options.preserve_order = True  # a seed always gives the same row order
     return ds
+
+
+def read_split(cfg: DataConfig, split: str, epoch: int = 0, epochs: int = 1) -> Dataset:
+    """The split's raw AudioCaps rows, streamed, for `epochs` passes starting at pass `epoch`."""
+    files, plan = plan_row_groups(cfg, split, epoch, epochs)
+    return _units_dataset(plan).map_batches(
+        read_row_groups, fn_kwargs=dict(filesystem=files.filesystem), batch_size=1, batch_format="numpy",
+        num_cpus=cfg.cpus_per_data_task, concurrency=cfg.max_data_tasks)
 
 
 def build_dataset(cfg: DataConfig, processor: str, split: str, *, ledger=None,
                   keep_ids: frozenset | None = None, epoch: int = 0, epochs: int = 1) -> Dataset:
-    """Model-ready examples of one split. `processor` is the model folder or hub id whose processor to use.
+    """Model-ready examples of one split, for `epochs` passes from pass `epoch` in one stream (a trainer
+    is spared the start-up of a new execution every epoch). `processor` is the model folder or hub id
+    whose processor to use; `keep_ids` (audiocap_ids) restricts the rows, e.g. to one row per clip for
+    evaluation.
 
-    `keep_ids` (audiocap_ids) restricts the rows, e.g. to one row per clip for evaluation.
+    The driver plans (shard, row group) units from the parquet footers, and one task reads, decodes and
+    featurizes a unit: the encoded audio never travels through the object store, and the first examples
+    flow as soon as one row group is done.
     """
-    stage_args: dict[str, Any] = dict(
-        batch_size=cfg.decode_batch_size, batch_format="numpy", num_cpus=cfg.cpus_per_data_task,
+    files, plan = plan_row_groups(cfg, split, epoch, epochs)
+    decode = dict(split=split, max_seconds=cfg.max_audio_seconds, quality=cfg.resample_quality,
+                  keep_ids=keep_ids, ledger=ledger)
+    featurize = dict(processor=processor, prompt=cfg.prompt, split=split, ledger=ledger)
+    return _units_dataset(plan).map_batches(
+        examples_from_row_groups, batch_size=1, batch_format="numpy", num_cpus=cfg.cpus_per_data_task,
         concurrency=cfg.max_data_tasks,
-    )
-    # Shards are read whole (one block per row group, often hundreds of clips); cut them into small
-    # blocks as they stream so decoding spreads over every CPU instead of one task per shard.
-    ds = read_split(cfg, split, epoch, epochs).repartition(target_num_rows_per_block=cfg.decode_batch_size)
-    ds = ds.map_batches(decode_rows, fn_kwargs=dict(split=split, max_seconds=cfg.max_audio_seconds,
-                                                    quality=cfg.resample_quality, keep_ids=keep_ids,
-                                                    ledger=ledger), **stage_args)
-    return ds.map_batches(featurize_rows, fn_kwargs=dict(processor=processor, prompt=cfg.prompt, split=split,
-                                                         ledger=ledger), **stage_args)
+        fn_kwargs=dict(filesystem=files.filesystem, rows_per_batch=cfg.decode_batch_size, decode=decode,
+                       featurize=featurize))
