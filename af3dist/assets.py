@@ -13,6 +13,8 @@ from af3dist.config import Config
 
 log = logging.getLogger(__name__)
 
+SYNTHETIC_MARKER = ".af3dist-synthetic.json"  # the settings a generated dataset was built from
+
 
 def tokenizer_corpus(prompt: str) -> list[str]:
     """Text the tiny tokenizer is trained on: every synthetic caption and the prompts."""
@@ -29,10 +31,18 @@ def prepare_embedded(cfg: Config) -> None:
         path = ensure_tiny_model(cfg.model.name_or_path, cfg.model.build_tiny, tokenizer_corpus(cfg.data.prompt))
         log.info("tiny AF3 ready at %s", path)
     syn = cfg.data.synthetic
-    if syn is not None and "://" not in cfg.data.source and not (Path(cfg.data.source) / "data").is_dir():
-        from af3dist.data.synthetic import make_synthetic_audiocaps
+    if syn is not None and "://" not in cfg.data.source:
+        root = Path(cfg.data.source)
+        marker = root / SYNTHETIC_MARKER
+        spec = syn.model_dump_json()
+        # Build when missing, or rebuild what we built from other settings; a folder we did not build
+        # (no marker) is never touched.
+        if not (root / "data").is_dir() or (marker.is_file() and marker.read_text() != spec):
+            from af3dist.data.synthetic import make_synthetic_audiocaps
 
-        log.info("generating synthetic AudioCaps at %s", cfg.data.source)
-        make_synthetic_audiocaps(cfg.data.source, train_clips=syn.train_clips,
-                                 validation_clips=syn.validation_clips, test_clips=syn.test_clips,
-                                 shards=syn.shards, long_clips=syn.long_clips, seed=syn.seed)
+            log.info("generating synthetic AudioCaps at %s", cfg.data.source)
+            marker.unlink(missing_ok=True)
+            make_synthetic_audiocaps(cfg.data.source, train_clips=syn.train_clips,
+                                     validation_clips=syn.validation_clips, test_clips=syn.test_clips,
+                                     shards=syn.shards, long_clips=syn.long_clips, seed=syn.seed)
+            marker.write_text(spec)

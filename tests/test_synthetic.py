@@ -374,3 +374,30 @@ def test_caption_corpus_covers_dataset(tables: dict[str, list[dict]]) -> None:
     for rows in tables.values():
         for r in rows:
             assert r["caption"] in corpus
+
+
+def test_embedded_dataset_is_rebuilt_when_its_settings_change_and_foreign_data_is_left_alone(tmp_path: Path) -> None:
+    from af3dist.assets import SYNTHETIC_MARKER, prepare_embedded
+    from af3dist.config import load_config
+
+    def cfg(source: Path, train_clips: int):
+        return load_config("tiny", [f"data.source={source}", f"data.synthetic.train_clips={train_clips}",
+                                    "data.synthetic.validation_clips=1", "data.synthetic.test_clips=1",
+                                    "data.synthetic.long_clips=0", "model.build_tiny=null"])
+
+    def train_rows(source: Path) -> int:
+        return sum(pq.read_metadata(p).num_rows for p in (source / "data").glob("train-*.parquet"))
+
+    ours = tmp_path / "ours"
+    prepare_embedded(cfg(ours, 3))
+    assert train_rows(ours) == 3 and (ours / SYNTHETIC_MARKER).is_file()
+    stamp = (ours / "data" / "train-00000-of-00002.parquet").stat().st_mtime_ns
+    prepare_embedded(cfg(ours, 3))  # same settings: kept as it is
+    assert (ours / "data" / "train-00000-of-00002.parquet").stat().st_mtime_ns == stamp
+    prepare_embedded(cfg(ours, 5))  # other settings: rebuilt
+    assert train_rows(ours) == 5
+
+    foreign = tmp_path / "foreign"
+    make_synthetic_audiocaps(foreign, train_clips=2, validation_clips=1, test_clips=1, shards=1, long_clips=0)
+    prepare_embedded(cfg(foreign, 5))  # a dataset we did not build is never overwritten
+    assert train_rows(foreign) == 2 and not (foreign / SYNTHETIC_MARKER).exists()

@@ -150,7 +150,7 @@ def plan_row_groups(cfg: DataConfig, split: str, epoch: int = 0, epochs: int = 1
 
 
 def _units_dataset(plan: list[dict]) -> Dataset:
-    ds = ray.data.from_items(plan, override_num_blocks=len(plan))  # one read unit per block and task
+    ds = ray.data.from_items(plan, override_num_blocks=max(1, len(plan)))  # one read unit per block and task
     ds.context.execution_options.preserve_order = True  # a seed always gives the same row order
     return ds
 
