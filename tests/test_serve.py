@@ -266,6 +266,26 @@ def test_prometheus_metrics_reach_rays_endpoint(served):
     assert 'route="chat_completions"' in text and "ray_serve_" in text  # beside Serve's own metrics
 
 
+def test_a_request_over_the_timeout_gets_a_504_and_the_service_goes_on(served):
+    from ray import serve
+
+    from af3dist.server.app import build_app
+
+    # The batch wait alone (0.5 s) outlasts the 0.2 s budget: the gateway answers 504 without waiting for it.
+    args = {"config": "tiny", "model": served["model"],
+            "overrides": overrides(request_timeout_s=0.2, batch_wait_timeout_s=0.5)}
+    serve.run(build_app(args), name="hurried", route_prefix="/hurried")
+    try:
+        start = time.perf_counter()
+        r = chat(f"{served['url']}/hurried", good_body(make_clips()[0], FORMATS[0]))
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["code"] == "timeout" and time.perf_counter() - start < 10
+        assert requests.get(f"{served['url']}/hurried/readyz", timeout=10).status_code == 200
+    finally:
+        serve.delete("hurried")
+    assert chat(served["url"], good_body(make_clips()[0], FORMATS[0])).status_code == 200
+
+
 @pytest.mark.slow
 def test_autoscaling_up_under_load_and_back_down(served):
     from ray import serve
