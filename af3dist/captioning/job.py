@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -33,7 +34,7 @@ from af3dist.cluster import init_ray
 from af3dist.config import ConfigError, RayConfig, expand_path, format_errors
 from af3dist.data.audio import TARGET_SAMPLING_RATE, ClipError, load_waveform, read_audio_file
 from af3dist.data.features import Featurizer, load_processor
-from af3dist.data.pipeline import ragged
+from af3dist.data.pipeline import ragged, read_row_groups, row_groups
 from af3dist.inference import DEFAULT_PROMPT, CaptionPredictor
 from af3dist.model.loading import resolve_model
 
@@ -124,7 +125,7 @@ def read_file_rows(batch: dict[str, np.ndarray], *, max_bytes: int) -> dict[str,
     return _out(list(batch["id"]), list(batch["path"]), data, errors)
 
 
-def read_parquet_rows(batch: dict[str, np.ndarray], *, key_column: str, keep: frozenset) -> dict[str, np.ndarray]:
+def read_parquet_rows(batch: dict[str, Any], *, key_column: str, keep: frozenset) -> dict[str, np.ndarray]:
     """Parquet rows -> (id, path, bytes, error) for the rows to caption (one per id, not yet done)."""
     from af3dist.data.source import clip_key
 
@@ -182,6 +183,17 @@ def featurize_clip_rows(batch: dict[str, np.ndarray], *, processor: str, prompt:
         "num_tokens": np.array(cols["num_tokens"], dtype=np.int32),
         **{c: ragged(cols[c]) for c in ("input_ids", "input_features", "input_features_mask")},
     }
+
+
+def clip_rows_from_row_groups(batch: dict[str, np.ndarray], *, filesystem, columns: list[str],
+                              rows_per_batch: int, pick: dict[str, Any],
+                              featurize: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+    """(path, row_group) units of parquet input -> model inputs of the rows to caption, in one task."""
+    for table in read_row_groups(batch, filesystem=filesystem, columns=columns):
+        for chunk in table.to_batches(max_chunksize=rows_per_batch):
+            rows = read_parquet_rows(chunk.to_pydict(), **pick)
+            if len(rows["id"]):
+                yield featurize_clip_rows(rows, **featurize)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -250,6 +262,7 @@ def build_pipeline(cfg: BatchCaptionConfig, plan: InputPlan, todo: list[int], pr
                    adapter: str | None) -> ray.data.Dataset:
     """The Ray Data pipeline over the plan's inputs at positions `todo`, ending in output columns."""
     task = dict(batch_format="numpy", num_cpus=cfg.cpus_per_task, batch_size=cfg.read_batch_size)
+    featurize = dict(processor=processor, prompt=cfg.prompt, max_seconds=cfg.max_seconds)
     if plan.kind == "files":
         table = pa.table({"id": [plan.ids[i] for i in todo], "path": [plan.paths[i] for i in todo],
                           "location": [plan.locations[i] for i in todo]})
@@ -258,17 +271,18 @@ def build_pipeline(cfg: BatchCaptionConfig, plan: InputPlan, todo: list[int], pr
         rows_per_block = max(cfg.read_batch_size, -(-len(todo) // MAX_INPUT_BLOCKS))
         ds = ray.data.from_arrow(table, override_num_blocks=max(1, -(-len(todo) // rows_per_block)))
         ds = ds.map_batches(read_file_rows, fn_kwargs=dict(max_bytes=int(cfg.max_file_mb * 2**20)), **task)
+        ds = ds.map_batches(featurize_clip_rows, fn_kwargs=featurize, **task)
     else:
         files = plan.parquet
         columns = ["audio", plan.key_column] + (["youtube_id", "start_time"] if plan.key_column == "audiocap_id"
                                                 else [])
-        # one block per row group; at scale the many row groups in flight keep every CPU busy
-        ds = ray.data.read_parquet(files.paths, filesystem=files.arrow_filesystem(), columns=columns,
-                                   num_cpus=cfg.cpus_per_task)
-        keep = frozenset(plan.row_keys[i] for i in todo)
-        ds = ds.map_batches(read_parquet_rows, fn_kwargs=dict(key_column=plan.key_column, keep=keep), **task)
-    ds = ds.map_batches(featurize_clip_rows, fn_kwargs=dict(processor=processor, prompt=cfg.prompt,
-                                                            max_seconds=cfg.max_seconds), **task)
+        # one task per parquet row group reads, picks and featurizes its rows (the training pipeline's reader)
+        units = [{"path": path, "row_group": group} for path, group in row_groups(files)]
+        ds = ray.data.from_items(units, override_num_blocks=max(1, len(units))).map_batches(
+            clip_rows_from_row_groups, batch_size=1, batch_format="numpy", num_cpus=cfg.cpus_per_task,
+            fn_kwargs=dict(filesystem=files.filesystem, columns=columns, rows_per_batch=cfg.read_batch_size,
+                           pick=dict(key_column=plan.key_column, keep=frozenset(plan.row_keys[i] for i in todo)),
+                           featurize=featurize))
     cpus, gpus = actor_resources(cfg)
     lo, hi = cfg.actors
     return ds.map_batches(

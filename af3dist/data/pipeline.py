@@ -116,11 +116,12 @@ def row_groups(files: SplitFiles) -> list[tuple[str, int]]:
     return units
 
 
-def read_row_groups(batch: dict[str, np.ndarray], *, filesystem) -> Iterator[pa.Table]:
-    """(path, row_group) units -> the AudioCaps rows of each row group, one table per unit."""
+def read_row_groups(batch: dict[str, np.ndarray], *, filesystem,
+                    columns: list[str] = AUDIOCAPS_COLUMNS) -> Iterator[pa.Table]:
+    """(path, row_group) units -> the `columns` of each row group, one table per unit."""
     for path, group in zip(batch["path"], batch["row_group"]):
         with filesystem.open(str(path), "rb") as f:
-            yield pq.ParquetFile(f).read_row_group(int(group), columns=AUDIOCAPS_COLUMNS)
+            yield pq.ParquetFile(f).read_row_group(int(group), columns=columns)
 
 
 def examples_from_row_groups(batch: dict[str, np.ndarray], *, filesystem, rows_per_batch: int,
@@ -149,7 +150,8 @@ def plan_row_groups(cfg: DataConfig, split: str, epoch: int = 0, epochs: int = 1
     return files, plan
 
 
-def _units_dataset(plan: list[dict]) -> Dataset:
+def units_dataset(plan: list[dict]) -> Dataset:
+    """Read units ({"path", "row_group"} dicts) as a dataset of one unit per block, order preserved."""
     ds = ray.data.from_items(plan, override_num_blocks=max(1, len(plan)))  # one read unit per block and task
     ds.context.execution_options.preserve_order = True  # a seed always gives the same row order
     return ds
@@ -158,7 +160,7 @@ def _units_dataset(plan: list[dict]) -> Dataset:
 def read_split(cfg: DataConfig, split: str, epoch: int = 0, epochs: int = 1) -> Dataset:
     """The split's raw AudioCaps rows, streamed, for `epochs` passes starting at pass `epoch`."""
     files, plan = plan_row_groups(cfg, split, epoch, epochs)
-    return _units_dataset(plan).map_batches(
+    return units_dataset(plan).map_batches(
         read_row_groups, fn_kwargs=dict(filesystem=files.filesystem), batch_size=1, batch_format="numpy",
         num_cpus=cfg.cpus_per_data_task, concurrency=cfg.max_data_tasks)
 
@@ -178,7 +180,7 @@ def build_dataset(cfg: DataConfig, processor: str, split: str, *, ledger=None,
     decode = dict(split=split, max_seconds=cfg.max_audio_seconds, quality=cfg.resample_quality,
                   keep_ids=keep_ids, ledger=ledger)
     featurize = dict(processor=processor, prompt=cfg.prompt, split=split, ledger=ledger)
-    return _units_dataset(plan).map_batches(
+    return units_dataset(plan).map_batches(
         examples_from_row_groups, batch_size=1, batch_format="numpy", num_cpus=cfg.cpus_per_data_task,
         concurrency=cfg.max_data_tasks,
         fn_kwargs=dict(filesystem=files.filesystem, rows_per_batch=cfg.decode_batch_size, decode=decode,
