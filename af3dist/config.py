@@ -92,7 +92,8 @@ class DataConfig(_Section):
     prompt: str = "Describe the audio."
     max_audio_seconds: float = Field(30.0, gt=0, description="longer clips are dropped as too_long")
     resample_quality: Literal["VHQ", "HQ", "MQ", "LQ", "QQ"] = "HQ"
-    decode_batch_size: int = Field(16, ge=1)
+    decode_batch_size: int = Field(16, ge=1, description="rows a data task decodes and hands on at a time "
+                                                         "(a task covers one parquet row group)")
     cpus_per_data_task: float = Field(1.0, gt=0)
     max_data_tasks: int | None = Field(None, ge=1, description="cap on concurrent decode/featurize tasks")
     error_rate_ceiling: float = Field(0.2, ge=0, le=1)
