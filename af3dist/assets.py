@@ -41,7 +41,8 @@ def prepare_embedded(cfg: Config) -> None:
             from af3dist.data.synthetic import make_synthetic_audiocaps
 
             log.info("generating synthetic AudioCaps at %s", cfg.data.source)
-            marker.unlink(missing_ok=True)
+            root.mkdir(parents=True, exist_ok=True)
+            marker.write_text("")  # ours, settings unknown until done: an interrupted build is redone
             make_synthetic_audiocaps(cfg.data.source, train_clips=syn.train_clips,
                                      validation_clips=syn.validation_clips, test_clips=syn.test_clips,
                                      shards=syn.shards, long_clips=syn.long_clips, seed=syn.seed)

@@ -46,6 +46,7 @@ class InputPlan:
     row_keys: list = field(default_factory=list)  # parquet: value of `key_column` of each id's row
     key_column: str | None = None  # parquet: "audiocap_id" (AudioCaps layout) or "id"
     parquet: SplitFiles | None = None
+    row_groups: list[tuple[str, int]] = field(default_factory=list)  # parquet: (path, row group) read units
     duplicates: int = 0
 
     def __len__(self) -> int:
@@ -123,11 +124,12 @@ def _plan_manifest(source: str, fs: fsspec.AbstractFileSystem, path: str) -> Inp
 
 def _plan_parquet(source: str, files: SplitFiles) -> InputPlan:
     """Ids from the key columns only (the audio column is not read here)."""
-    ids, keys = [], []
+    ids, keys, row_groups = [], [], []
     key_column = None
     for path in files.paths:
         with files.filesystem.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
+            row_groups.extend((path, g) for g in range(pf.num_row_groups))
             names = set(pf.schema_arrow.names)
             if "audio" not in names:
                 raise ValueError(f"{path}: parquet input needs an `audio` column (struct of bytes and path)")
@@ -146,7 +148,7 @@ def _plan_parquet(source: str, files: SplitFiles) -> InputPlan:
         keys.extend(table[key_column].to_pylist())
     ids, (keys,), dups = _dedupe(ids, keys)
     return InputPlan("parquet", source, ids, paths=[], row_keys=keys, key_column=key_column, parquet=files,
-                     duplicates=dups)
+                     row_groups=row_groups, duplicates=dups)
 
 
 def plan_inputs(source: str, split: str | None = None) -> InputPlan:

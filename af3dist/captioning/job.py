@@ -34,7 +34,7 @@ from af3dist.cluster import init_ray
 from af3dist.config import ConfigError, RayConfig, expand_path, format_errors
 from af3dist.data.audio import TARGET_SAMPLING_RATE, ClipError, load_waveform, read_audio_file
 from af3dist.data.features import Featurizer, load_processor
-from af3dist.data.pipeline import ragged, read_row_groups, row_groups
+from af3dist.data.pipeline import ragged, row_group_rows
 from af3dist.inference import DEFAULT_PROMPT, CaptionPredictor
 from af3dist.model.loading import resolve_model
 
@@ -189,11 +189,10 @@ def clip_rows_from_row_groups(batch: dict[str, np.ndarray], *, filesystem, colum
                               rows_per_batch: int, pick: dict[str, Any],
                               featurize: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
     """(path, row_group) units of parquet input -> model inputs of the rows to caption, in one task."""
-    for table in read_row_groups(batch, filesystem=filesystem, columns=columns):
-        for chunk in table.to_batches(max_chunksize=rows_per_batch):
-            rows = read_parquet_rows(chunk.to_pydict(), **pick)
-            if len(rows["id"]):
-                yield featurize_clip_rows(rows, **featurize)
+    for rows in row_group_rows(batch, filesystem=filesystem, rows_per_batch=rows_per_batch, columns=columns):
+        picked = read_parquet_rows(rows, **pick)
+        if len(picked["id"]):
+            yield featurize_clip_rows(picked, **featurize)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -277,7 +276,7 @@ def build_pipeline(cfg: BatchCaptionConfig, plan: InputPlan, todo: list[int], pr
         columns = ["audio", plan.key_column] + (["youtube_id", "start_time"] if plan.key_column == "audiocap_id"
                                                 else [])
         # one task per parquet row group reads, picks and featurizes its rows (the training pipeline's reader)
-        units = [{"path": path, "row_group": group} for path, group in row_groups(files)]
+        units = [{"path": path, "row_group": group} for path, group in plan.row_groups]
         ds = ray.data.from_items(units, override_num_blocks=max(1, len(units))).map_batches(
             clip_rows_from_row_groups, batch_size=1, batch_format="numpy", num_cpus=cfg.cpus_per_task,
             fn_kwargs=dict(filesystem=files.filesystem, columns=columns, rows_per_batch=cfg.read_batch_size,

@@ -124,12 +124,19 @@ def read_row_groups(batch: dict[str, np.ndarray], *, filesystem,
             yield pq.ParquetFile(f).read_row_group(int(group), columns=columns)
 
 
+def row_group_rows(batch: dict[str, np.ndarray], *, filesystem, rows_per_batch: int,
+                   columns: list[str] = AUDIOCAPS_COLUMNS) -> Iterator[dict[str, list]]:
+    """(path, row_group) units -> their rows as columns of Python values, `rows_per_batch` rows at a time."""
+    for table in read_row_groups(batch, filesystem=filesystem, columns=columns):
+        for chunk in table.to_batches(max_chunksize=rows_per_batch):
+            yield chunk.to_pydict()
+
+
 def examples_from_row_groups(batch: dict[str, np.ndarray], *, filesystem, rows_per_batch: int,
                              decode: dict[str, Any], featurize: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
     """(path, row_group) units -> model-ready examples, `rows_per_batch` rows at a time, in one task."""
-    for table in read_row_groups(batch, filesystem=filesystem):
-        for chunk in table.to_batches(max_chunksize=rows_per_batch):
-            yield featurize_rows(decode_rows(chunk.to_pydict(), **decode), **featurize)
+    for rows in row_group_rows(batch, filesystem=filesystem, rows_per_batch=rows_per_batch):
+        yield featurize_rows(decode_rows(rows, **decode), **featurize)
 
 
 def plan_row_groups(cfg: DataConfig, split: str, epoch: int = 0, epochs: int = 1) -> tuple[SplitFiles, list[dict]]:
