@@ -9,7 +9,7 @@ from transformers import AudioFlamingo3ForConditionalGeneration
 from af3dist.config import LoraConfig, TrainConfig
 from af3dist.data.synthetic import encode_audio, generate_clip
 from af3dist.inference import Captioner
-from af3dist.model.loading import add_lora, enable_gradient_checkpointing, load_model
+from af3dist.model.loading import add_lora, avoid_cudnn_attention, enable_gradient_checkpointing, load_model
 from af3dist.model.merge import merge_adapter
 from af3dist.training.deepspeed_config import deepspeed_config
 
@@ -129,3 +129,16 @@ def test_merged_model_loads_without_peft_and_gives_the_same_tokens(adapter_dir, 
     clips = _clips()
     with_adapter = Captioner.load(adapter_dir, max_new_tokens=12).caption(clips)
     assert Captioner.load(str(merged), max_new_tokens=12).caption(clips) == with_adapter
+
+
+def test_on_cuda_load_model_takes_cudnn_out_of_attention(tiny_model_dir, monkeypatch):
+    # cuDNN's attention builds a plan per new shape (0.1 s a decoding step on an H200); no GPU here, so the
+    # switch is watched rather than the kernel.
+    assert not avoid_cudnn_attention()  # without CUDA nothing is touched
+    switched = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: not switched)
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", switched.append)
+    load_model(tiny_model_dir)
+    load_model(tiny_model_dir)
+    assert switched == [False]

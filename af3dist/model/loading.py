@@ -56,11 +56,27 @@ def resolve_model(model: str, adapter: str | None = None) -> tuple[str, str | No
     return model, adapter, processor_source
 
 
+def avoid_cudnn_attention() -> bool:
+    """On CUDA, take cuDNN out of PyTorch's SDPA backends (flash / memory-efficient attention remain).
+
+    Why: with a padding mask, torch 2.11 on Hopper sends attention to cuDNN first, and cuDNN builds a new
+    execution plan for every new (batch, length) shape. Our shapes change all the time (length-bucketed
+    training batches, and every decoding step's longer KV cache): on an H200 that cost about 0.12 s per
+    generated token with the full-size model. Process-wide, so every model this process loads gains.
+    Returns whether it changed anything (False without CUDA)."""
+    if not torch.cuda.is_available() or not torch.backends.cuda.cudnn_sdp_enabled():
+        return False
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return True
+
+
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, adapter: str | None = None):
     """A base or merged model, or base + adapter (peft) when `adapter` is given or the path is an adapter.
 
-    The audio encoder skips the padding of its 30 s windows (`skip_audio_padding`): same outputs, less work.
+    The audio encoder skips the padding of its 30 s windows (`skip_audio_padding`): same outputs, less work;
+    and on CUDA, attention avoids cuDNN's per-shape plans (`avoid_cudnn_attention`).
     """
+    avoid_cudnn_attention()
     if adapter is None and is_adapter(name_or_path):
         adapter, name_or_path = name_or_path, adapter_base(name_or_path)
     model = skip_audio_padding(AudioFlamingo3ForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype))
