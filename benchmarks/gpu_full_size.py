@@ -282,7 +282,9 @@ def encoder_figures(model, device, dtype, rng) -> dict:
 @torch.no_grad()
 def generate_figures(model, device, dtype, rng, args) -> dict:
     model.eval()
-    figures: dict = {}
+    if args.merge:  # what `af3dist merge` serves: LoRA folded into the base weights
+        model = model.merge_and_unload()
+    figures: dict = {"gen_merged": args.merge}
     for batch_size in args.gen_batches:
         rows = [clip_row(rng, args.clip_seconds, 0) for _ in range(batch_size)]
         for r in rows:  # prompts only: the generation prompt, no caption
@@ -324,6 +326,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of two micro steps")
     parser.add_argument("--cudnn-attention", action="store_true",
                         help="keep cuDNN among the SDPA backends (torch's default; load_model takes it out)")
+    parser.add_argument("--merge", action="store_true", help="generate with the LoRA merged into the base")
     parser.add_argument("--phases", type=lambda s: s.split(","), default=["train", "encoder", "generate"])
     args = parser.parse_args()
     args.micro_batch = args.micro_batches[0]
