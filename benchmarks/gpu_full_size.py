@@ -40,8 +40,8 @@ from af3dist.data.batching import collate, collate_prompts  # noqa: E402
 from af3dist.data.features import IGNORE_INDEX  # noqa: E402
 from af3dist.inference import unwrap  # noqa: E402
 from af3dist.model.encoder import SoundOnlyEncoder, skip_audio_padding  # noqa: E402
-from af3dist.model.loading import add_lora, avoid_cudnn_attention, enable_gradient_checkpointing  # noqa: E402
-from af3dist.training.deepspeed_config import deepspeed_config  # noqa: E402
+from af3dist.model.loading import add_lora, avoid_cudnn_attention  # noqa: E402
+from af3dist.training.deepspeed_config import lora_engine  # noqa: E402
 
 PEAK_BF16_TFLOPS = 989.0
 SOUND_ID, IM_START, IM_END, PAD_ID = 151669, 151644, 151645, 151643
@@ -135,24 +135,24 @@ def matmul_tflops(device: torch.device) -> float | None:
     return 2 * 8192 ** 3 * 10 / (time.perf_counter() - start) / 1e12
 
 
-def build_engine(args, device: torch.device, dtype: torch.dtype):
-    import deepspeed
+def random_af3(config, device: torch.device, dtype: torch.dtype):
+    """AF3 with random weights, created on `device`, with the padding-free encoder as load_model gives it."""
     from transformers import AudioFlamingo3ForConditionalGeneration
 
+    torch.manual_seed(0)
+    with torch.device(device):
+        return skip_audio_padding(AudioFlamingo3ForConditionalGeneration._from_config(config, dtype=dtype))
+
+
+def build_engine(args, device: torch.device, dtype: torch.dtype):
     cfg = load_config("af3", ["train.zero_stage=2", f"train.micro_batch_size={args.micro_batch}",
                               f"train.grad_accum_steps={args.grad_accum}", "train.max_steps=1000",
-                              "train.warmup_steps=2"])
+                              "train.warmup_steps=2", "train.gradient_checkpointing=true"])
     config = af3_config(args.size)
-    torch.manual_seed(0)
     start = time.perf_counter()
-    with torch.device(device):
-        model = AudioFlamingo3ForConditionalGeneration._from_config(config, dtype=dtype)
-    model = add_lora(skip_audio_padding(model), cfg.lora)
-    enable_gradient_checkpointing(model)
+    model = random_af3(config, device, dtype)
     built_s = time.perf_counter() - start
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg.train, 1, bf16=dtype == torch.bfloat16))
+    engine, _ = lora_engine(model, cfg.lora, cfg.train, 1, dtype)
     return engine, config, cfg, built_s
 
 
@@ -354,11 +354,12 @@ def main() -> None:
         traceback.print_exc()
         result["train_error"] = f"{type(err).__name__}: {err}"
         engine, config, cfg, built_s = None, af3_config(args.size), load_config("af3"), 0.0
-    model = engine.module if engine is not None else plain_model(config, device, dtype, cfg)
+    model = engine.module if engine is not None else add_lora(random_af3(config, device, dtype), cfg.lora)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result.update(params_b=round(total / 1e9, 3), trainable_m=round(trainable / 1e6, 2), build_s=round(built_s, 1),
-                  zero_stage=cfg.train.zero_stage, lora_r=cfg.lora.r, gradient_checkpointing=True)
+                  zero_stage=cfg.train.zero_stage, lora_r=cfg.lora.r,
+                  gradient_checkpointing=cfg.train.gradient_checkpointing)
     print(f"[setup] {result}", flush=True)
     phases = [("train", lambda: train_figures(engine, config, device, dtype, args, rng) if engine else {}),
               ("encoder", lambda: encoder_figures(model, device, dtype, rng)),
@@ -377,14 +378,6 @@ def main() -> None:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_full_size.json").write_text(line + "\n")
     print(line, flush=True)
-
-
-def plain_model(config, device: torch.device, dtype: torch.dtype, cfg):
-    from transformers import AudioFlamingo3ForConditionalGeneration
-
-    with torch.device(device):
-        model = AudioFlamingo3ForConditionalGeneration._from_config(config, dtype=dtype)
-    return add_lora(skip_audio_padding(model), cfg.lora)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from af3dist.cluster import init_ray
 from af3dist.config import ConfigError, RayConfig, expand_path, format_errors
 from af3dist.data.audio import TARGET_SAMPLING_RATE, ClipError, load_waveform, read_audio_file
 from af3dist.data.features import Featurizer, load_processor
-from af3dist.data.pipeline import ragged, row_group_rows
+from af3dist.data.pipeline import ragged, row_group_rows, units_dataset
 from af3dist.inference import DEFAULT_PROMPT, CaptionPredictor
 from af3dist.model.loading import resolve_model
 
@@ -277,7 +277,7 @@ def build_pipeline(cfg: BatchCaptionConfig, plan: InputPlan, todo: list[int], pr
                                                 else [])
         # one task per parquet row group reads, picks and featurizes its rows (the training pipeline's reader)
         units = [{"path": path, "row_group": group} for path, group in plan.row_groups]
-        ds = ray.data.from_items(units, override_num_blocks=max(1, len(units))).map_batches(
+        ds = units_dataset(units, preserve_order=False).map_batches(
             clip_rows_from_row_groups, batch_size=1, batch_format="numpy", num_cpus=cfg.cpus_per_task,
             fn_kwargs=dict(filesystem=files.filesystem, columns=columns, rows_per_batch=cfg.read_batch_size,
                            pick=dict(key_column=plan.key_column, keep=frozenset(plan.row_keys[i] for i in todo)),

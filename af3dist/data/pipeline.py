@@ -157,10 +157,12 @@ def plan_row_groups(cfg: DataConfig, split: str, epoch: int = 0, epochs: int = 1
     return files, plan
 
 
-def units_dataset(plan: list[dict]) -> Dataset:
-    """Read units ({"path", "row_group"} dicts) as a dataset of one unit per block, order preserved."""
-    ds = ray.data.from_items(plan, override_num_blocks=max(1, len(plan)))  # one read unit per block and task
-    ds.context.execution_options.preserve_order = True  # a seed always gives the same row order
+def units_dataset(plan: list[dict], preserve_order: bool = True) -> Dataset:
+    """Read units ({"path", "row_group"} dicts) as a dataset of one unit per block, so that each map task
+    covers one unit; with `preserve_order` (training: a seed always gives the same row order) results come
+    out in plan order."""
+    ds = ray.data.from_items(plan, override_num_blocks=max(1, len(plan)))
+    ds.context.execution_options.preserve_order = preserve_order
     return ds
 
 

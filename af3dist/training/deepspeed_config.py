@@ -1,9 +1,13 @@
-"""The DeepSpeed config of a run, built from our TrainConfig (one source of truth for batch, optimizer,
-schedule and ZeRO settings)."""
+"""The DeepSpeed side of a run: its config, built from our TrainConfig (one source of truth for batch,
+optimizer, schedule and ZeRO settings), and the LoRA engine a worker trains."""
 
 from __future__ import annotations
 
-from af3dist.config import TrainConfig
+import deepspeed
+import torch
+
+from af3dist.config import LoraConfig, TrainConfig
+from af3dist.model.loading import add_lora, enable_gradient_checkpointing
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
@@ -34,3 +38,15 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+
+
+def lora_engine(model: torch.nn.Module, lora: LoraConfig, cfg: TrainConfig, world_size: int, dtype: torch.dtype):
+    """LoRA on `model` (gradient checkpointing as configured) inside a DeepSpeed engine that optimizes only
+    the trainable weights. Returns (engine, lr scheduler). torch.distributed must already be set up."""
+    model = add_lora(model, lora)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg, world_size, bf16=dtype == torch.bfloat16))
+    return engine, scheduler

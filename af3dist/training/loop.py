@@ -24,8 +24,8 @@ from af3dist.data.batching import collate, collate_prompts, iter_bucketed
 from af3dist.data.features import IGNORE_INDEX, load_processor
 from af3dist.inference import greedy_generate
 from af3dist.metrics import caption_metrics
-from af3dist.model.loading import add_lora, enable_gradient_checkpointing, load_model, resolve_dtype
-from af3dist.training.deepspeed_config import deepspeed_config
+from af3dist.model.loading import load_model, resolve_dtype
+from af3dist.training.deepspeed_config import lora_engine
 from af3dist.training.state import (ADAPTER_DIR, DEEPSPEED_DIR, DEEPSPEED_TAG, MetricsLog, TrainerState)
 
 log = logging.getLogger(__name__)
@@ -60,14 +60,8 @@ class Worker:
         self.pad_id = processor.tokenizer.pad_token_id
         self.eos_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
 
-        model = add_lora(load_model(cfg.model.name_or_path, self.dtype), cfg.lora)
-        if self.tc.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(self.tc, self.world, bf16=self.dtype == torch.bfloat16),
-        )
+        self.engine, self.scheduler = lora_engine(load_model(cfg.model.name_or_path, self.dtype), cfg.lora,
+                                                  self.tc, self.world, self.dtype)
         self.state = TrainerState()
 
     # ------------------------------------------------------------------ checkpoints
