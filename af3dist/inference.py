@@ -15,7 +15,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from af3dist.data.audio import TARGET_SAMPLING_RATE, load_waveform, waveform_from_array
+from af3dist.data.audio import TARGET_SAMPLING_RATE, load_waveform, read_audio_file, waveform_from_array
 from af3dist.data.features import Featurizer, load_processor
 from af3dist.model.loading import load_model, resolve_dtype, resolve_model
 
@@ -65,7 +65,7 @@ def greedy_generate(model, inputs: dict[str, torch.Tensor], max_new_tokens: int,
 def to_waveform(clip: Clip, sampling_rate: int | None = None, max_seconds: float | None = None) -> np.ndarray:
     """Any supported clip form -> 16 kHz mono float32 (raises ClipError with a reason when it can't)."""
     if isinstance(clip, (str, Path)):
-        return load_waveform(Path(clip).read_bytes(), max_seconds=max_seconds)
+        return load_waveform(read_audio_file(str(clip)), max_seconds=max_seconds)
     if isinstance(clip, (bytes, bytearray, memoryview)):
         return load_waveform(bytes(clip), max_seconds=max_seconds)
     if isinstance(clip, tuple):

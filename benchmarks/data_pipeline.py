@@ -18,7 +18,9 @@ start_time) of 10 s, 48 kHz stereo FLAC clips (synthetic module's generator and 
          in a streaming `.map`, and `seed_decoder` says so;
   ray_1  `build_dataset` on a local Ray with num_cpus=1 (data.cpus_per_data_task=1), consumed through
          `iter_bucketed` + `collate` like a trainer;
-  ray_n  the same with num_cpus=os.cpu_count().
+  ray_n  the same with num_cpus=os.cpu_count();
+  decoder  per format (10 s, 48 kHz stereo, encoded by FFmpeg): CPU ms a clip of `load_waveform` against
+         libsndfile's read + the same downmix/resample, where libsndfile reads the format (JSON key `decoder`).
 
 Timing, identical for seed/ray_1/ray_n: one-time startup is left out (interpreter and imports, Ray init,
 every Ray worker made to load the processor, then a warm-up pass over the `warmup` split); then
@@ -412,9 +414,61 @@ def run_ray(ctx: dict, num_cpus: int) -> dict:
             "rows_dropped": counts["rows_dropped"], "rows_seen": counts["rows_seen"]}
 
 
+DECODER_FORMATS = ("wav_s16", "wav_s24", "flac_s16", "flac_s24", "mp3", "ogg_vorbis", "ogg_opus", "webm_opus",
+                   "m4a_aac", "m4a_alac", "aiff_s16")
+
+
+def run_decoder(ctx: dict) -> dict:
+    """Per format (10 s, 48 kHz, stereo, encoded by FFmpeg): ms per clip of our decoder (`load_waveform`:
+    decode + limits + downmix + resample, as production runs it, and its FFmpeg path alone), against
+    libsndfile's read + the same downmix/resample where libsndfile reads the format at all (null where it
+    cannot, or where it decodes the wrong length)."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from af3dist.data.audio import _decode, load_waveform, to_mono_16k
+    from af3dist.data.encode import encode
+
+    t = np.arange(480000) / 48000
+    x = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * np.random.default_rng(0).standard_normal(480000))
+    stereo = np.stack([x, 0.7 * x], axis=1).astype(np.float32)
+
+    def best_ms(fn, data) -> float | None:
+        try:
+            fn(data)
+        except Exception:
+            return None
+        times = []
+        for _ in range(ctx["repeats"] * 5):
+            a = time.process_time()
+            fn(data)
+            times.append(time.process_time() - a)
+        return round(min(times) * 1e3, 2)
+
+    def libsndfile(data):
+        samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        if abs(len(samples) - 480000) > 4096:
+            raise ValueError(f"libsndfile decoded {len(samples)} frames")
+        return to_mono_16k(samples, sr)
+
+    out = {}
+    for fmt in DECODER_FORMATS:
+        data = encode(stereo, 48000, fmt)
+        ours = best_ms(load_waveform, data)
+        ffmpeg = best_ms(lambda d: to_mono_16k(*_decode(d, None, mono=True, fast_path=False)), data)
+        sndfile = best_ms(libsndfile, data)
+        out[fmt] = {"ours_ms": ours, "ffmpeg_path_ms": ffmpeg, "libsndfile_ms": sndfile,
+                    "ours_vs_libsndfile": round(ours / sndfile, 3) if ours and sndfile else None}
+    return {"decoder": out}
+
+
 def child_main(mode: str, ctx: dict) -> None:
     if mode == "bare":
         result = run_bare(ctx)
+    elif mode == "decoder":
+        result = run_decoder(ctx)
     elif mode == "seed":
         result = run_seed(ctx)
     elif mode == "ray_1":
@@ -507,7 +561,7 @@ def main() -> None:
                    help="config override for the Ray runs (repeatable), e.g. data.decode_batch_size=4")
     p.add_argument("--ray-block-mb", type=float, default=None,
                    help="Ray Data DataContext.target_max_block_size in MiB for the Ray runs (default: Ray's)")
-    p.add_argument("--modes", default="bare,seed,ray_1,ray_n")
+    p.add_argument("--modes", default="bare,seed,ray_1,ray_n,decoder")
     p.add_argument("--quiet-wait", type=float, default=30,
                    help="before each way, wait up to this many seconds for other load to drop")
     p.add_argument("--autogroup-nice", type=int, default=None,
@@ -576,6 +630,12 @@ def main() -> None:
           f"pass; fastest of {args.repeats}")
     print(f"{'way':<6} {'clips/s':>8} {'pass s':>7} {'1st s':>6} {'cpu ms/clip':>11} {'others':>7} {'waited':>7}  notes")
     for m, r in results.items():
+        if m == "decoder":
+            print("decoder (10 s, 48 kHz stereo, CPU ms a clip incl. downmix + resample; ours = load_waveform):")
+            for fmt, row in r["decoder"].items():
+                print(f"  {fmt:<11} ours {row['ours_ms']!s:>6}  ffmpeg path {row['ffmpeg_path_ms']!s:>6}  "
+                      f"libsndfile {row['libsndfile_ms']!s:>6}")
+            continue
         if m == "bare":
             note = (f"decode+resample {r['decode_resample_ms']} ms + log-mel {r['log_mel_ms']} ms a clip; "
                     f"decode + the full training_example: {r['full_featurize_clips_per_s']} clips/s")
@@ -593,7 +653,7 @@ def main() -> None:
           "share of the machine's CPU used by other processes meanwhile; waited: time the way's threads spent "
           "runnable but waiting for a CPU (its own threads and others' load together): a large value means "
           "the number is depressed by contention)")
-    foreign = [r["foreign_cpu_share"] for r in results.values()]
+    foreign = [r["foreign_cpu_share"] for r in results.values() if "foreign_cpu_share" in r]
     summary = {
         "seed_clips_per_s": rate("seed"),
         "ray_1_clips_per_s": rate("ray_1"),
@@ -608,9 +668,10 @@ def main() -> None:
         "bare_cpu_clips_per_s": results.get("bare", {}).get("cpu_clips_per_s"),
         "rate_definition": "clips / whole pass (start of iteration to last collated batch) after a warm-up "
                            "pass, fastest of the repeats; bare: clips / (decode+resample+log-mel time)",
-        **{f"{m}_first_delivery_s": results[m]["first_delivery_s"] for m in modes if m != "bare"},
-        **{f"{m}_cpu_ms_per_clip": results[m]["cpu_ms_per_clip"] for m in modes},
-        **{f"{m}_cpu_wait_s": results[m]["cpu_wait_s"] for m in modes},
+        **{f"{m}_first_delivery_s": results[m]["first_delivery_s"] for m in modes if m not in ("bare", "decoder")},
+        **{f"{m}_cpu_ms_per_clip": results[m]["cpu_ms_per_clip"] for m in modes if m != "decoder"},
+        **{f"{m}_cpu_wait_s": results[m]["cpu_wait_s"] for m in modes if m != "decoder"},
+        "decoder": results.get("decoder", {}).get("decoder"),
         "max_foreign_cpu_share": max(foreign) if foreign else None,
         "clips": args.clips, "seconds": args.seconds, "sample_rate": args.sample_rate,
         "channels": args.channels, "format": args.format, "shards": args.shards,

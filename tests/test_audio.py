@@ -23,7 +23,8 @@ def test_every_codec_rate_and_layout_decodes_to_16k_mono(fmt, sr, channels):
     assert sniff_format(data) == fmt
     wave = load_waveform(data)
     assert wave.dtype == np.float32 and wave.ndim == 1
-    assert abs(len(wave) - 32000) <= (1200 if fmt == "mp3" else 2), len(wave)
+    # lossy codecs: encoder priming and end trimming differ between encoders and decoders by a block
+    assert abs(len(wave) - 32000) <= (1200 if fmt in ("mp3", "ogg") else 2), len(wave)
     expected_rms = 0.5 / np.sqrt(2) * (1.0 if channels == 1 else 0.75)
     core = wave[2000:-2000]
     assert np.sqrt(np.mean(core ** 2)) == pytest.approx(expected_rms, rel=0.06)
@@ -53,7 +54,8 @@ def test_bad_audio_is_rejected_with_a_precise_reason():
     good = encode_audio(_tone(44100, 3.0, 2), 44100, "flac")
     assert _reason(None) == "missing_audio"
     assert _reason(b"") == "missing_audio"
-    assert _reason(b"\x00\x00\x00\x20ftypM4A " + bytes(600)) == "unsupported_codec"
+    assert _reason(b"\x00\x00\x00\x20ftypM4A " + bytes(600)) == "corrupt"  # an M4A header, no audio
+    assert _reason(b"\x89PNG\r\n\x1a\n" + bytes(600)) == "unsupported_codec"
     assert _reason(b"just some text, not audio at all") == "unsupported_codec"
     assert _reason(b"fLaC" + bytes(range(256)) * 8) == "corrupt"
     assert _reason(good[: len(good) // 2]) == "corrupt"  # truncated flac
