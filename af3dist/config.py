@@ -145,8 +145,14 @@ class TrainConfig(_Section):
     seed: int = 0
 
 
+API_KEY_ENV = "AF3DIST_API_KEY"  # where the serving API key comes from when serve.api_key is unset
+
+
 class ServeConfig(_Section):
-    """The HTTP service: batching, limits, adapters, and the replicas' scaling and resources."""
+    """The HTTP service: batching, limits, adapters, and the replicas' scaling and resources.
+
+    Every limit a client can run into is a field here; the README's Serving section lists each with the error
+    code a request over it gets."""
 
     model_name: str | None = None  # what clients put in `model` for the base; default: the folder name / hub id
     adapters: dict[str, str] = {}  # adapter name (the `model` field) -> LoRA adapter folder or URI
@@ -158,15 +164,45 @@ class ServeConfig(_Section):
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     # Limits on what one request may ask for.
     max_audio_seconds: float = Field(30.0, gt=0)
-    max_body_mb: float = Field(25.0, gt=0)
+    max_body_mb: float = Field(25.0, gt=0, description="request body (and fetched audio file) size limit")
     default_max_tokens: int = Field(64, ge=1)
     max_tokens_limit: int = Field(256, ge=1)
-    request_timeout_s: float = Field(60.0, gt=0)
-    # Bearer token clients must send; falls back to $AF3DIST_API_KEY. None and no variable: no auth.
+    max_model_len: int = Field(8192, ge=16, description="prompt tokens (audio included) + max_tokens must fit, "
+                                                        "as in vLLM; keep it within the model's context")
+    max_prompt_chars: int = Field(8000, ge=1, description="characters of prompt text, checked before tokenizing")
+    max_prompt_tokens: int = Field(1024, ge=1, description="tokens of prompt text (the audio's not counted)")
+    max_messages: int = Field(64, ge=1, description="messages in a request, and content parts in one message")
+    max_json_depth: int = Field(32, ge=4, description="nesting depth of the JSON body")
+    max_json_number_chars: int = Field(40, ge=8, description="characters of any one number in the JSON body")
+    max_audio_location_chars: int = Field(2048, ge=16, description="length of an audio part's path or URL")
+    # Deadlines: every wait in the gateway has one.
+    request_timeout_s: float = Field(60.0, gt=0, description="from the body read to the answer: parsing, "
+                                                             "fetching, decoding and generation")
+    body_read_timeout_s: float = Field(15.0, gt=0, description="to receive the whole request body")
+    fetch_connect_timeout_s: float = Field(5.0, gt=0, description="to connect to an allow-listed URL")
+    fetch_timeout_s: float = Field(20.0, gt=0, description="to read an allow-listed path or URL in full")
+    http_request_timeout_s: float = Field(120.0, gt=0, description="Serve's HTTP proxy request_timeout_s (a last "
+                                                                   "resort beyond the gateway's own deadlines)")
+    # Overload: refuse fast (429/503 with Retry-After) instead of piling requests up.
+    max_concurrent_requests: int = Field(192, ge=1, description="chat/caption requests one gateway replica works "
+                                                                "on at once; more get 429")
+    max_queued_requests: int = Field(128, ge=1, description="requests queued for the model replicas; more get 503")
+    ingress_max_queued_requests: int = Field(512, ge=1, description="requests the HTTP proxy queues for the "
+                                                                    "gateway; more get 503 from the proxy")
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After of every 429 and 503")
+    # Bearer token clients must send; None falls back to $AF3DIST_API_KEY; "none" says deliberately no auth.
     api_key: str | None = None
-    # Prefixes (local folders or URLs such as s3://bucket/clips/) that audio parts may name by path or URL.
-    # Empty: requests can only send audio inline, the server never reads a path or fetches a URL for them.
+    require_api_key: bool = Field(False, description="refuse to start without a key unless api_key is 'none' "
+                                                     "(set for every non-loopback deployment)")
+    # Prefixes (local folders or URLs such as s3://bucket/clips/) that audio parts may name by path or URL,
+    # matched on the parsed URL (scheme, exact host, path prefix at a `/`). Empty: requests can only send
+    # audio inline, the server never reads a path or fetches a URL for them.
     allowed_audio_sources: list[str] = []
+    # Model replica health: Serve's health check and /readyz fail when the replica cannot generate.
+    health_probe_interval_s: float = Field(30.0, gt=0, description="probe with a 1-token generation when no "
+                                                                   "batch succeeded for this long")
+    health_probe_timeout_s: float = Field(20.0, gt=0, description="the probe's deadline")
+    max_batch_seconds: float = Field(300.0, gt=0, description="a batch running longer marks the replica unhealthy")
     # Model replicas: autoscaling, per-replica concurrency and resources.
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
@@ -188,7 +224,28 @@ class ServeConfig(_Section):
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must not exceed max_tokens_limit "
                              f"({self.max_tokens_limit})")
+        if self.max_tokens_limit >= self.max_model_len:
+            raise ValueError(f"max_tokens_limit ({self.max_tokens_limit}) must be below max_model_len "
+                             f"({self.max_model_len})")
+        if self.max_concurrent_requests >= self.ingress_max_ongoing_requests:
+            raise ValueError(f"max_concurrent_requests ({self.max_concurrent_requests}) must be below "
+                             f"ingress_max_ongoing_requests ({self.ingress_max_ongoing_requests}), or Serve queues "
+                             "what the gateway would refuse at once")
+        if self.http_request_timeout_s <= self.body_read_timeout_s + self.request_timeout_s:
+            raise ValueError(f"http_request_timeout_s ({self.http_request_timeout_s:g}) must exceed "
+                             f"body_read_timeout_s + request_timeout_s ({self.body_read_timeout_s:g} + "
+                             f"{self.request_timeout_s:g}), so the gateway's own deadlines answer first")
         return self
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+    def resolved_api_key(self) -> str | None:
+        """The key clients must send: `api_key`, else $AF3DIST_API_KEY; None for no auth (also for 'none')."""
+        if self.api_key is not None:
+            return None if self.api_key.strip().lower() == "none" else self.api_key
+        return os.environ.get(API_KEY_ENV) or None
 
 
 class RayConfig(_Section):

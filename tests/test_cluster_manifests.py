@@ -29,17 +29,24 @@ CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.
 CORE_KINDS = {"PersistentVolumeClaim", "Secret", "ConfigMap", "Service"}
 
 
+KUBERAY_CRDS_HINT = ("KubeRay publishes them in its repository's ray-operator/config/crd/bases/ "
+                     "(https://github.com/ray-project/kuberay); set AF3DIST_KUBERAY_CRDS to a folder holding "
+                     + ", ".join(CRD_FILES.values()))
+
+
 def _crd_dir() -> Path:
-    """../shared/kuberay beside the checkout (CI lays shared/ beside its clone too); AF3DIST_KUBERAY_CRDS
-    overrides. Missing schemas fail the test: validating nothing must not pass."""
+    """AF3DIST_KUBERAY_CRDS, else shared/kuberay in a folder above the checkout (our machines and CI have one).
+    Missing schemas skip the schema tests on a user's clone (with where to get them), but fail under CI=true:
+    CI must never pass by validating nothing."""
     candidates = [Path(os.environ["AF3DIST_KUBERAY_CRDS"])] if os.environ.get("AF3DIST_KUBERAY_CRDS") else []
     candidates += [p / "shared" / "kuberay" for p in REPO.parents]
     for c in candidates:
         if all((c / f).is_file() for f in CRD_FILES.values()):
             return c
-    pytest.fail(f"KubeRay CRD schemas not found (looked in {', '.join(map(str, candidates[:3]))}, ...): "
-                f"they come with the project's shared/ folder beside the checkout; or set AF3DIST_KUBERAY_CRDS "
-                f"to a folder holding {', '.join(CRD_FILES.values())}")
+    message = f"KubeRay CRD schemas not found (looked in {', '.join(map(str, candidates[:3]))}, ...): {KUBERAY_CRDS_HINT}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 # ---------------------------------------------------------------------------------------------- schemas
@@ -208,7 +215,10 @@ def test_cluster_specs_are_the_same_cluster():
             assert any("persistentVolumeClaim" in v for v in volumes.values()), f"{name}: no shared volume"
             for c in pod["spec"]["containers"]:
                 env = {e["name"]: e for e in c.get("env", [])}
-                assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token", name
+                if name.startswith("RayService/"):  # serving needs no hub token (see the next test)
+                    assert "HF_TOKEN" not in env, name
+                else:
+                    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token", name
                 assert any(m["mountPath"] == "/mnt/checkpoints" for m in c["volumeMounts"]), name
     claims = {o["metadata"]["name"] for _, o in objects() if o["kind"] == "PersistentVolumeClaim"}
     for name, spec in specs.items():
@@ -216,6 +226,57 @@ def test_cluster_specs_are_the_same_cluster():
             for v in pod["spec"].get("volumes", []):
                 if "persistentVolumeClaim" in v:
                     assert v["persistentVolumeClaim"]["claimName"] in claims, name
+
+
+def test_rayservice_is_locked_down():
+    """Serving pods: the API-key Secret is required unless the Serve config says `serve.api_key=none`, and
+    the gateway refuses to start without a key (`serve.require_api_key=true`); non-root, no privilege
+    escalation, read-only root filesystem with a writable /tmp; no HF_TOKEN; the shared volume read-only; the
+    HTTP proxy's request_timeout_s is the config's http_request_timeout_s."""
+    from af3dist.config import load_config
+
+    (service,) = ray_objects("RayService")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    cfg = load_config(app["args"]["config"], app["args"].get("overrides")).serve
+    no_key_on_purpose = (cfg.api_key or "").lower() == "none"
+    assert no_key_on_purpose or cfg.require_api_key, "serving on 0.0.0.0 must require an API key"
+    assert serve_config["http_options"]["request_timeout_s"] == cfg.http_request_timeout_s
+    spec = service["spec"]["rayClusterConfig"]
+    assert spec["autoscalerOptions"]["securityContext"]["readOnlyRootFilesystem"] is True
+    for pod in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
+        pod_security = pod["spec"]["securityContext"]
+        assert pod_security["runAsNonRoot"] is True and pod_security["runAsUser"] != 0
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        for v in volumes.values():
+            if "persistentVolumeClaim" in v:
+                assert v["persistentVolumeClaim"]["readOnly"] is True
+        for c in pod["spec"]["containers"]:
+            security = c["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+            assert security["capabilities"]["drop"] == ["ALL"]
+            env = {e["name"]: e for e in c["env"]}
+            assert "HF_TOKEN" not in env
+            if not no_key_on_purpose:
+                assert env["AF3DIST_API_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is False
+            mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+            assert "emptyDir" in volumes[mounts["/tmp"]["name"]], "Ray needs a writable /tmp"
+            for m in mounts.values():
+                if "persistentVolumeClaim" in volumes[m["name"]]:
+                    assert m.get("readOnly") is True, m
+
+
+def test_missing_crd_schemas_skip_for_users_and_fail_in_ci(monkeypatch, tmp_path):
+    """A fresh clone has no shared/ beside it: the schema tests skip with where KubeRay publishes the CRDs,
+    except under CI=true, where validating nothing must fail."""
+    monkeypatch.setenv("AF3DIST_KUBERAY_CRDS", str(tmp_path))
+    monkeypatch.setattr(f"{__name__}.REPO", tmp_path / "clone")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="ray-operator/config/crd/bases/.*AF3DIST_KUBERAY_CRDS"):
+        _crd_dir()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="ray-operator/config/crd/bases/"):
+        _crd_dir()
 
 
 def test_rayjob_runs_the_af3_finetune_and_cleans_up():

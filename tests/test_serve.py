@@ -56,7 +56,7 @@ FORMATS = ["flac", "wav", "mp3", "ogg", "wav", "flac"]  # of make_clips()
 def overrides(**serve) -> list[str]:
     base = dict(max_batch_size=8, batch_wait_timeout_s=0.3, max_audio_seconds=25, max_body_mb=1,
                 default_max_tokens=MAX_TOKENS, max_tokens_limit=32, cpus_per_replica=0, max_adapters_per_replica=1,
-                request_timeout_s=120, api_key=API_KEY)
+                request_timeout_s=120, http_request_timeout_s=200, api_key=API_KEY)
     base.update(serve)
     return [f"serve.{k}={v}" for k, v in base.items()]
 

@@ -1,7 +1,9 @@
 """The Ray Serve application: a FastAPI gateway in front of autoscaled, batching AF3 model replicas.
 
 Gateway (CPU): auth, size limits, request checks, audio decoding and featurization (in a thread pool, so
-concurrent requests are featurized in parallel), OpenAI-shaped responses and errors, metrics.
+concurrent requests are featurized in parallel), OpenAI-shaped responses and errors, metrics. No request can
+hurt another: bad input is a 4xx, overload a fast 429/503 with Retry-After, every wait has a deadline, and
+nothing slow (JSON parsing, base64, path resolution, fetching, decoding, tokenizing) runs on the event loop.
 AF3Model (GPU where there is one): `@serve.batch` generation, LoRA adapters multiplexed by the request's
 `model` field (loaded on first use, least recently used evicted), batch size and wait adjustable at runtime
 through `user_config`.
@@ -13,7 +15,9 @@ through `user_config`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import hmac
 import logging
 import os
 import time
@@ -22,21 +26,23 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.config import BackpressureConfig
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from af3dist.config import Config, ServeConfig, load_config
-from af3dist.data.audio import ClipError, read_audio_file
-from af3dist.server.engine import Engine, GenRequest, GenResult, featurize
-from af3dist.server.protocol import (DONE, ApiError, ChatRequest, chat_completion, chunk, completion_id,
-                                     error_body, parse_chat_request, parse_json)
+from af3dist.config import API_KEY_ENV, Config, ConfigError, ServeConfig, load_config
+from af3dist.data.audio import ClipError
+from af3dist.server.engine import Engine, GenFailure, GenRequest, GenResult, featurize
+from af3dist.server.protocol import (DONE, ApiError, ChatRequest, PromptChecker, busy, chat_completion, chunk,
+                                     completion_id, error_body, parse_chat_request, parse_json)
+from af3dist.server.sources import read_source
 
 log = logging.getLogger(__name__)
-
-API_KEY_ENV = "AF3DIST_API_KEY"
 
 
 # Model replicas ---------------------------------------------------------------------------------------------
@@ -54,10 +60,22 @@ class _LoadedAdapter:
 
 class AF3Model:
     """One model replica. Serve's `@serve.batch` splits batches by multiplexed model id, so a batch holds
-    requests for one adapter only (and Engine.generate refuses a mixed one)."""
+    requests for one adapter only (and Engine.generate refuses a mixed one). A request that fails comes back
+    as a GenFailure for its caller alone; the rest of its batch is answered.
 
-    def __init__(self, model: str, adapters: dict[str, str], dtype: str = "auto"):
+    Health (Serve's `check_health`, and `ready` for the gateway's /readyz): unhealthy while a batch has run for
+    over `max_batch_seconds` (a wedged device), or when no batch succeeded for `health_probe_interval_s` and a
+    one-token probe generation fails or outlasts `health_probe_timeout_s`. Serve replaces an unhealthy replica.
+    """
+
+    def __init__(self, model: str, adapters: dict[str, str], dtype: str = "auto",
+                 health: dict[str, float] | None = None):
         self.engine = Engine(model, dtype=dtype, adapters=adapters)
+        health = health or {}
+        self.probe_interval_s = health.get("health_probe_interval_s", 30.0)
+        self.probe_timeout_s = health.get("health_probe_timeout_s", 20.0)
+        self.max_batch_seconds = health.get("max_batch_seconds", 300.0)
+        self.batch_started: float | None = None
         self.batch_sizes: list[int] = []
         self.max_batch_size: int | None = None
         self.batch_metric = metrics.Histogram("af3dist_batch_size", "requests generated together",
@@ -75,22 +93,42 @@ class AF3Model:
         await asyncio.to_thread(self.engine.load_adapter, name)
         return _LoadedAdapter(self.engine, name)
 
-    async def generate(self, request: GenRequest) -> GenResult:
+    async def generate(self, request: GenRequest) -> GenResult | GenFailure:
         if request.adapter is not None:
             await self.multiplexed_adapter(request.adapter)
         return await self.generate_batch(request)
 
-    async def generate_batch(self, requests: list[GenRequest]) -> list[GenResult]:
+    async def generate_batch(self, requests: list[GenRequest]) -> list[GenResult | GenFailure]:
         self.batch_sizes.append(len(requests))
         self.batch_metric.observe(len(requests))
-        # Off the event loop: the replica keeps accepting requests (the next batch fills) while this runs.
-        return await asyncio.to_thread(self.engine.generate, requests)
+        self.batch_started = time.monotonic()
+        try:
+            # Off the event loop: the replica keeps accepting requests (the next batch fills) while this runs.
+            return await asyncio.to_thread(self.engine.generate, requests)
+        finally:
+            self.batch_started = None
 
     def stats(self) -> dict[str, Any]:
         return {"batch_sizes": list(self.batch_sizes), "max_batch_size": self.max_batch_size,
                 "loaded_adapters": sorted(self.engine.adapter_paths)}
 
-    def ready(self) -> bool:
+    async def check_health(self) -> None:
+        """Raises when this replica cannot generate (see the class docstring); Serve calls it periodically."""
+        now = time.monotonic()
+        if self.batch_started is not None:
+            if now - self.batch_started > self.max_batch_seconds:
+                raise RuntimeError(f"a batch has run for over {self.max_batch_seconds:g} s")
+            return
+        last = self.engine.last_success
+        if last is not None and now - last < self.probe_interval_s:
+            return
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.engine.probe), timeout=self.probe_timeout_s)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"the health probe took over {self.probe_timeout_s:g} s") from None
+
+    async def ready(self) -> bool:
+        await self.check_health()
         return True
 
 
@@ -107,12 +145,22 @@ def model_deployment(cfg: ServeConfig):
                             "initial_replicas": max(cfg.min_replicas, 1),
                             "target_ongoing_requests": cfg.target_ongoing_requests,
                             "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s},
-        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
+        backpressure_config=_backpressure(cfg),
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
         user_config={"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
-        health_check_period_s=10, health_check_timeout_s=60,
+        health_check_period_s=10, health_check_timeout_s=cfg.health_probe_timeout_s + 10,
         graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=30,
     )
+
+
+def _backpressure(cfg: ServeConfig) -> BackpressureConfig:
+    """What Serve answers when a deployment's queue is full: 503 with the configured Retry-After."""
+    return BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s)
+
+
+def health_settings(cfg: ServeConfig) -> dict[str, float]:
+    return {k: getattr(cfg, k) for k in ("health_probe_interval_s", "health_probe_timeout_s", "max_batch_seconds")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,7 +171,7 @@ def _model_class(max_adapters: int) -> type:
             return await self.adapter(name)
 
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # set from user_config in reconfigure()
-        async def generate_batch(self, requests: list[GenRequest]) -> list[GenResult]:
+        async def generate_batch(self, requests: list[GenRequest]) -> list[GenResult | GenFailure]:
             return await AF3Model.generate_batch(self, requests)
 
     _AF3Model.__name__ = _AF3Model.__qualname__ = "AF3Model"
@@ -131,19 +179,35 @@ def _model_class(max_adapters: int) -> type:
 
 
 # Gateway ---------------------------------------------------------------------------------------------------
-api = FastAPI(title="af3dist", description="Audio Flamingo 3 captions and answers, OpenAI-compatible")
+# The docs routes are the Gateway's own (below), behind the API key when one is set.
+api = FastAPI(title="af3dist", description="Audio Flamingo 3 captions and answers, OpenAI-compatible",
+              docs_url=None, redoc_url=None, openapi_url=None)
+
+# A ClipError's reason -> what the client is told (never the decoder's detail: it could quote the file).
+AUDIO_ERRORS = {
+    "missing_audio": "the request carries no audio",
+    "unsupported_codec": "the audio's format or codec is not supported",
+    "corrupt": "the audio cannot be decoded",
+    "empty_audio": "the audio holds no samples",
+    "non_finite": "the audio holds NaN or infinite samples",
+    "unreadable": "the audio file cannot be read",
+}
+
+
+def _json_error(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
 
 @api.exception_handler(ApiError)
 async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    return _json_error(err)
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
     first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
     loc = ".".join(str(p) for p in first["loc"])
-    return JSONResponse(ApiError(400, f"{loc}: {first['msg']}", param=loc).body(), status_code=400)
+    return _json_error(ApiError(400, f"{loc}: {first['msg']}", param=loc))
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -151,27 +215,55 @@ async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(error_body(err.status_code, str(err.detail)), status_code=err.status_code)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` bytes (never buffered beyond it)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is {int(declared)} bytes; the limit is {limit}",
-                       code="request_too_large")
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (never buffered beyond it) and with 408
+    when it has not all arrived within `timeout_s` (a slow upload holds a slot for no longer)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
     chunks, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
-        chunks.append(part)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise ApiError(413, f"the request body is over the limit of {limit} bytes",
+                                   code="request_too_large")
+                chunks.append(part)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s",
+                       code="request_timeout") from None
     return b"".join(chunks)
 
 
-def _read_allowed_audio(location: str, max_bytes: int) -> bytes:
-    """An allow-listed path or URL's bytes (parse_chat_request has checked the allow-list)."""
+def _no_stop_iteration(fn, *args):
+    """Calls fn; a StopIteration it raises becomes a RuntimeError, which a Future can carry (a StopIteration
+    raised into asyncio.to_thread's Future leaves the request waiting forever)."""
     try:
-        return read_audio_file(location, max_bytes)
-    except ClipError as err:
-        raise ApiError(400, f"cannot read audio at {location!r}: {err}", param="audio", code=err.reason) from None
+        return fn(*args)
+    except StopIteration as err:
+        raise RuntimeError("StopIteration escaped a worker thread") from err
+
+
+async def _blocking(fn, *args):
+    """fn(*args) in a worker thread: the event loop serves other requests meanwhile. The caller's deadline
+    (asyncio.timeout) bounds the wait; the thread itself runs to its end."""
+    return await asyncio.to_thread(_no_stop_iteration, fn, *args)
+
+
+def api_key_or_refuse(cfg: ServeConfig) -> str | None:
+    """The key clients must send (None: no auth). With `require_api_key` and no key found, refuses to start
+    (ConfigError) unless `api_key` says "none": a missing Secret must not silently mean a public endpoint."""
+    key = cfg.resolved_api_key()
+    if key is None and cfg.require_api_key and cfg.api_key is None:
+        raise ConfigError(f"serve.require_api_key is set but there is no key: set ${API_KEY_ENV} (the "
+                          "af3dist-api-key Secret on Kubernetes) or serve.api_key, or say serve.api_key=none "
+                          "to serve without authentication on purpose")
+    return key
+
+
+def _parse_chat(body: bytes, cfg: ServeConfig) -> ChatRequest:
+    return parse_chat_request(parse_json(body, cfg), cfg)
 
 
 @serve.deployment(name="Gateway")
@@ -185,7 +277,9 @@ class Gateway:
         self.base_name: str = settings["base_name"]
         self.adapters: list[str] = sorted(self.cfg.adapters)
         self.featurizer = Featurizer(load_processor(settings["model"]), settings["prompt"])
-        self.api_key = self.cfg.api_key or os.environ.get(API_KEY_ENV) or None
+        self.prompts = PromptChecker(self.featurizer.tokenizer, self.cfg)
+        self.api_key = api_key_or_refuse(self.cfg)
+        self.inflight = 0
         self.created = int(time.time())
         self.requests = metrics.Counter("af3dist_requests", "HTTP requests by route and status",
                                         tag_keys=("route", "status"))
@@ -199,8 +293,8 @@ class Gateway:
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {self.api_key}":
+        header = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(header, f"Bearer {self.api_key}".encode()):
             raise ApiError(401, "a valid API key is required (Authorization: Bearer <key>)",
                            type="authentication_error", code="invalid_api_key")
 
@@ -209,43 +303,97 @@ class Gateway:
             return None
         if model in self.cfg.adapters:
             return model
-        raise ApiError(404, f"the model {model!r} does not exist (available: "
+        raise ApiError(404, f"the requested model does not exist (available: "
                             f"{', '.join([self.base_name, *self.adapters])})", param="model",
                        code="model_not_found")
 
-    async def _generate(self, audio: bytes, prompt: str, adapter: str | None, max_tokens: int,
-                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> GenResult:
+    def _audio_error(self, err: ClipError, param: str = "audio") -> ApiError:
+        if err.reason == "timeout":
+            return ApiError(504, "the audio could not be read in time", type="timeout_error", param=param,
+                            code="timeout")
+        message = AUDIO_ERRORS.get(err.reason) or (
+            f"the audio is over the limit ({self.cfg.max_audio_seconds:g} s, {self.cfg.max_body_mb:g} MB)"
+            if err.reason == "too_long" else "the audio cannot be used")
+        return ApiError(400, message, param=param, code=err.reason)
+
+    @contextlib.asynccontextmanager
+    async def _deadline(self):
+        """Everything after the body read, within request_timeout_s: 504 otherwise."""
         try:
-            features = await asyncio.to_thread(featurize, self.featurizer, audio, prompt,
-                                               self.cfg.max_audio_seconds)
-        except ClipError as err:
-            raise ApiError(400, f"the audio cannot be used: {err}", param="audio", code=err.reason) from None
-        request = GenRequest(features, max_tokens, temperature, top_p, seed, adapter)
-        response = self.model.options(multiplexed_model_id=adapter or "").generate.remote(request)
-        try:
-            return await asyncio.wait_for(response, timeout=self.cfg.request_timeout_s)
-        except asyncio.TimeoutError:
-            response.cancel()
+            async with asyncio.timeout(self.cfg.request_timeout_s):
+                yield
+        except TimeoutError:
             raise ApiError(504, f"no answer within {self.cfg.request_timeout_s:g} s", type="timeout_error",
                            code="timeout") from None
 
-    async def _observe(self, route: str, request: Request, handler) -> Any:
+    async def _audio(self, chat: ChatRequest) -> bytes:
+        if chat.audio.data is not None:
+            return chat.audio.data
+        try:
+            return await asyncio.wait_for(_blocking(read_source, chat.audio.location, self.cfg),
+                                          timeout=self.cfg.fetch_timeout_s + self.cfg.fetch_connect_timeout_s)
+        except asyncio.TimeoutError:
+            raise self._audio_error(ClipError("timeout", "fetch deadline")) from None
+        except ClipError as err:
+            raise self._audio_error(err) from None
+
+    def _featurize(self, audio: bytes, prompt: str, max_tokens: int) -> dict[str, Any]:
+        """Prompt checks (cheapest first), then decoding and featurizing, then the context-length check."""
+        self.prompts.check(prompt)
+        try:
+            features = featurize(self.featurizer, audio, prompt, self.cfg.max_audio_seconds)
+        except ClipError as err:
+            raise self._audio_error(err) from None
+        self.prompts.check_context(int(len(features["input_ids"])), max_tokens)
+        return features
+
+    async def _generate(self, audio: bytes, prompt: str, adapter: str | None, max_tokens: int,
+                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> GenResult:
+        features = await _blocking(self._featurize, audio, prompt, max_tokens)
+        request = GenRequest(features, max_tokens, temperature, top_p, seed, adapter)
+        response = self.model.options(multiplexed_model_id=adapter or "").generate.remote(request)
+        try:
+            result = await response
+        except asyncio.CancelledError:  # the request's deadline passed: the model need not finish it
+            response.cancel()
+            raise
+        if isinstance(result, GenFailure):
+            raise ApiError(500, f"generation failed ({result.error})", type="server_error",
+                           code="generation_failed")
+        return result
+
+    async def _observe(self, route: str, request: Request, handler, admit: bool = True) -> Any:
+        """Auth, admission (over max_concurrent_requests: 429 at once), the error shape, metrics."""
         start = time.perf_counter()
-        status = 500
+        status, admitted = 500, False
         try:
             self._authorize(request)
+            if admit:
+                if self.inflight >= self.cfg.max_concurrent_requests:
+                    raise busy(429, "the server is busy; retry shortly", "server_busy", self.cfg.retry_after_s)
+                self.inflight += 1
+                admitted = True
             result = await handler()
             status = 200
             return result
         except ApiError as err:
             status = err.status
             self.errors.inc(tags={"route": route, "code": err.code or err.type})
-            return JSONResponse(err.body(), status_code=err.status)
+            return _json_error(err)
+        except (BackPressureError, DeploymentUnavailableError) as err:  # the model replicas' queue is full
+            refusal = busy(503, "the model is overloaded or unavailable; retry shortly", "server_overloaded",
+                           self.cfg.retry_after_s)
+            status = refusal.status
+            self.errors.inc(tags={"route": route, "code": refusal.code})
+            log.warning("refused on %s: %s", route, type(err).__name__)
+            return _json_error(refusal)
         except Exception as err:  # a bug or a replica failure, never the client's input
             log.exception("request on %s failed", route)
             self.errors.inc(tags={"route": route, "code": "internal"})
             return JSONResponse(error_body(500, f"internal error: {type(err).__name__}"), status_code=500)
         finally:
+            if admitted:
+                self.inflight -= 1
             self.requests.inc(tags={"route": route, "status": str(status)})
             self.latency.observe(time.perf_counter() - start, tags={"route": route})
 
@@ -256,11 +404,33 @@ class Gateway:
 
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
+        """Ready when a model replica says it can generate (its own probe, see AF3Model.check_health)."""
         try:
-            await asyncio.wait_for(self.model.ready.remote(), timeout=5)
+            await asyncio.wait_for(self.model.ready.remote(), timeout=self.cfg.health_probe_timeout_s + 5)
             return JSONResponse({"status": "ready"})
         except Exception as err:  # noqa: BLE001 - any failure means not ready
-            return JSONResponse(error_body(503, f"the model is not ready: {type(err).__name__}"), status_code=503)
+            return JSONResponse(error_body(503, f"the model is not ready: {type(err).__name__}"), status_code=503,
+                                headers={"Retry-After": str(self.cfg.retry_after_s)})
+
+    def _docs(self, request: Request, page) -> Any:
+        """The API docs, behind the key when one is set (they list every route and field)."""
+        try:
+            self._authorize(request)
+        except ApiError as err:
+            return _json_error(err)
+        return page(f"{request.scope.get('root_path', '')}/openapi.json")
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> Any:
+        return self._docs(request, lambda _: JSONResponse(api.openapi()))
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> Any:
+        return self._docs(request, lambda url: get_swagger_ui_html(openapi_url=url, title="af3dist"))
+
+    @api.get("/redoc", include_in_schema=False)
+    async def redoc(self, request: Request) -> Any:
+        return self._docs(request, lambda url: get_redoc_html(openapi_url=url, title="af3dist"))
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Any:
@@ -269,18 +439,19 @@ class Gateway:
                      **({"parent": self.base_name} if name != self.base_name else {})}
                     for name in [self.base_name, *self.adapters]]
             return {"object": "list", "data": data}
-        return await self._observe("models", request, handler)
+        return await self._observe("models", request, handler, admit=False)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         async def handler():
-            body = await _read_body(request, int(self.cfg.max_body_mb * 2**20))
-            chat: ChatRequest = parse_chat_request(parse_json(body), self.cfg)
-            adapter = self._adapter_for(chat.model)
-            audio = chat.audio.data if chat.audio.data is not None else await asyncio.to_thread(
-                _read_allowed_audio, chat.audio.location, int(self.cfg.max_body_mb * 2**20))
-            result = await self._generate(audio, chat.prompt, adapter, chat.max_tokens, chat.temperature,
-                                          chat.top_p, chat.seed)
+            body = await _read_body(request, self.cfg.max_body_bytes, self.cfg.body_read_timeout_s)
+            async with self._deadline():
+                chat: ChatRequest = await _blocking(_parse_chat, body, self.cfg)
+                del body
+                adapter = self._adapter_for(chat.model)
+                audio = await self._audio(chat)
+                result = await self._generate(audio, chat.prompt, adapter, chat.max_tokens, chat.temperature,
+                                              chat.top_p, chat.seed)
             model_name = adapter or self.base_name
             cid = completion_id()
             if chat.stream:
@@ -308,27 +479,28 @@ class Gateway:
     @api.post("/v1/audio/captions")
     async def captions(self, request: Request) -> Any:
         async def handler():
-            body = await _read_body(request, int(self.cfg.max_body_mb * 2**20))
+            if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+                raise ApiError(400, "send the audio as multipart/form-data with a `file` field",
+                               code="invalid_content_type")
+            body = await _read_body(request, self.cfg.max_body_bytes, self.cfg.body_read_timeout_s)
 
             async def replay():
                 return {"type": "http.request", "body": body, "more_body": False}
 
-            if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-                raise ApiError(400, "send the audio as multipart/form-data with a `file` field",
-                               code="invalid_content_type")
-            try:
-                form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
-            except Exception as err:  # noqa: BLE001 - malformed multipart of any kind
-                raise ApiError(400, f"the multipart body cannot be parsed: {err}", code="invalid_multipart") from None
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                raise ApiError(400, "the form needs a `file` field holding the audio", param="file")
-            prompt = form.get("prompt") or ""
-            model = form.get("model") or None
-            if not isinstance(prompt, str) or (model is not None and not isinstance(model, str)):
-                raise ApiError(400, "`prompt` and `model` must be text fields")
-            adapter = self._adapter_for(model)
-            result = await self._generate(await upload.read(), prompt, adapter, self.cfg.default_max_tokens)
+            async with self._deadline():
+                try:
+                    form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+                except Exception:  # noqa: BLE001 - malformed multipart of any kind
+                    raise ApiError(400, "the multipart body cannot be parsed", code="invalid_multipart") from None
+                upload = form.get("file")
+                if upload is None or isinstance(upload, str):
+                    raise ApiError(400, "the form needs a `file` field holding the audio", param="file")
+                prompt = form.get("prompt") or ""
+                model = form.get("model") or None
+                if not isinstance(prompt, str) or (model is not None and not isinstance(model, str)):
+                    raise ApiError(400, "`prompt` and `model` must be text fields")
+                adapter = self._adapter_for(model)
+                result = await self._generate(await upload.read(), prompt, adapter, self.cfg.default_max_tokens)
             return {"caption": result.text, "model": adapter or self.base_name}
         return await self._observe("captions", request, handler)
 
@@ -354,9 +526,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         model = cfg.model.name_or_path
     settings = {"serve": serve_cfg.model_dump(), "model": model, "prompt": cfg.data.prompt,
                 "base_name": serve_cfg.model_name or served_name(model)}
-    model_app = model_deployment(serve_cfg).bind(model, serve_cfg.adapters, cfg.model.dtype)
+    model_app = model_deployment(serve_cfg).bind(model, serve_cfg.adapters, cfg.model.dtype,
+                                                 health_settings(serve_cfg))
     # The gateway mostly waits on the model: it must hold many more requests than Serve's default of 5,
-    # or it, not the model, caps the batch size.
+    # or it, not the model, caps the batch size. Beyond max_concurrent_requests it refuses at once (429); the
+    # proxy's queue in front of it is bounded too (503 with Retry-After).
     return Gateway.options(num_replicas=serve_cfg.ingress_replicas,
                            max_ongoing_requests=serve_cfg.ingress_max_ongoing_requests,
+                           max_queued_requests=serve_cfg.ingress_max_queued_requests,
+                           backpressure_config=_backpressure(serve_cfg),
                            ray_actor_options={"num_cpus": 0.25}).bind(model_app, settings)

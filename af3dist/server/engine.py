@@ -4,7 +4,8 @@ batch of already featurized requests.
 Requests in one batch share an adapter (Serve splits batches by multiplexed model id; `generate` checks).
 Greedy requests run as one left-padded batch, each cut at its own `max_tokens`, so every answer equals what
 the request would get alone. A sampled request (temperature > 0) runs on its own with its seed, so its
-tokens never depend on what else was in the batch.
+tokens never depend on what else was in the batch. Each request succeeds or fails alone: when a batch raises,
+its requests are rerun one by one and only the one that fails gets a `GenFailure`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +27,8 @@ from af3dist.inference import generate_tokens
 from af3dist.model.loading import load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
+
+PROBE_PROMPT = "Describe the audio."
 
 
 @dataclass
@@ -45,6 +49,14 @@ class GenResult:
     token_ids: list[int]
     finish_reason: str  # "stop" (ended with <|im_end|>) or "length"
     prompt_tokens: int
+
+
+@dataclass
+class GenFailure:
+    """A request generation failed for (a bug or a device fault: its inputs were checked before); the rest of
+    its batch is unaffected. `error` names the exception type only, never request content."""
+
+    error: str
 
 
 def featurize(featurizer: Featurizer, audio: bytes, prompt: str | None, max_seconds: float) -> dict[str, np.ndarray]:
@@ -73,6 +85,8 @@ class Engine:
         self.adapter_paths: dict[str, str] = {}  # the loaded ones
         self.retired: set[str] = set()  # evicted but still held by peft (see _unload_adapter)
         self.lock = threading.RLock()
+        self.last_success: float | None = None  # time.monotonic() of the last batch with no failure
+        self._probe_features: dict[str, np.ndarray] | None = None
 
     # Adapters -------------------------------------------------------------------------------------------
     def load_adapter(self, name: str) -> None:
@@ -127,7 +141,8 @@ class Engine:
             yield
 
     # Generation -----------------------------------------------------------------------------------------
-    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+    def generate(self, requests: list[GenRequest]) -> list[GenResult | GenFailure]:
+        """One result per request, in order; a request that fails gets a GenFailure, the others their text."""
         adapters = {r.adapter for r in requests}
         if len(adapters) != 1:
             raise ValueError(f"a batch must not mix adapters, got {sorted(map(str, adapters))}")
@@ -136,19 +151,46 @@ class Engine:
             if adapter is not None:
                 self._load_adapter(adapter)
             with self._using(adapter):
-                return self._generate(requests)
+                results = self._generate(requests)
+        if not any(isinstance(r, GenFailure) for r in results):
+            self.last_success = time.monotonic()
+        return results
 
-    def _generate(self, requests: list[GenRequest]) -> list[GenResult]:
-        results: list[GenResult | None] = [None] * len(requests)
+    def _generate(self, requests: list[GenRequest]) -> list[GenResult | GenFailure]:
+        results: list[GenResult | GenFailure | None] = [None] * len(requests)
         greedy = [i for i, r in enumerate(requests) if r.temperature == 0]
         if greedy:
-            for i, res in zip(greedy, self._run([requests[i] for i in greedy])):
-                results[i] = res
+            try:
+                for i, res in zip(greedy, self._run([requests[i] for i in greedy])):
+                    results[i] = res
+            except Exception:  # noqa: BLE001 - find the request that fails; the others still get answers
+                log.exception("a batch of %d failed; generating its requests one by one", len(greedy))
+                for i in greedy:
+                    results[i] = self._alone(requests[i])
         for i, r in enumerate(requests):
             if r.temperature > 0:
-                torch.manual_seed(r.seed if r.seed is not None else int(torch.seed() % 2**31))
-                results[i] = self._run([r], r.temperature, r.top_p)[0]
+                results[i] = self._alone(r)
         return results  # type: ignore[return-value]
+
+    def _alone(self, r: GenRequest) -> GenResult | GenFailure:
+        try:
+            if r.temperature > 0:
+                torch.manual_seed(r.seed if r.seed is not None else int(torch.seed() % 2**31))
+                return self._run([r], r.temperature, r.top_p)[0]
+            return self._run([r])[0]
+        except Exception as err:  # noqa: BLE001 - this request fails, alone
+            log.exception("generation failed for one request")
+            return GenFailure(type(err).__name__)
+
+    def probe(self) -> None:
+        """A one-token greedy generation on a second of silence: raises when this replica cannot generate.
+        The base model serves it (no adapter), under the lock like any batch."""
+        if self._probe_features is None:
+            self._probe_features = Featurizer(self.processor, PROBE_PROMPT).generation_inputs(
+                np.zeros(16000, np.float32))
+        (result,) = self.generate([GenRequest(self._probe_features, 1)])
+        if isinstance(result, GenFailure):
+            raise RuntimeError(f"the health probe failed: {result.error}")
 
     def _run(self, requests: list[GenRequest], temperature: float = 0.0, top_p: float = 1.0) -> list[GenResult]:
         inputs = collate_prompts([r.features for r in requests], self.pad_token_id)

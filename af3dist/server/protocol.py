@@ -2,8 +2,9 @@
 
 Pure functions with no Ray or model inside, so every refusal is decided (and tested) before a request
 costs any model time. Audio comes inline as base64 (`input_audio`); a part that names a local path or a
-URL is refused unless the config's `allowed_audio_sources` lists a prefix that covers it, because the
-processor's chat template would otherwise read any file or fetch any URL a client names.
+URL is refused unless the config's `allowed_audio_sources` lists a prefix that covers it (matched, and read,
+by af3dist.server.sources), because the processor's chat template would otherwise read any file or fetch any
+URL a client names. Every limit is a `serve.*` config field; no error message quotes the request.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
+import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,24 +23,41 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from af3dist.config import ServeConfig
 
-AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
+# `input_audio.format` is a hint only (the decoder sniffs the bytes): any container or codec name is taken.
+FORMAT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,15}")
+# Sampling bounds as in vLLM: the seed is an int64, a temperature is 0 (greedy) or at least 1e-5.
+SEED_RANGE = (-(2**63), 2**63 - 1)
+MIN_TEMPERATURE = 1e-5
+# Characters no legitimate path or URL needs: controls (NUL included), whitespace, backslash, lone surrogates.
+_BAD_LOCATION_CHARS = re.compile(r"[\x00-\x20\x7f\\\ud800-\udfff]")
 
 
 class ApiError(Exception):
-    """A request the service refuses: an HTTP status and an OpenAI-shaped error body."""
+    """A request the service refuses: an HTTP status and an OpenAI-shaped error body. The message must never
+    quote the request (or anything fetched for it); `retry_after` (s) adds a Retry-After header (429, 503)."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
 
 
 def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
     kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
     return ApiError(status, message, kind, code=code).body()
+
+
+def busy(status: int, message: str, code: str, retry_after: int) -> ApiError:
+    """An overload refusal (429 or 503): the client may retry after `retry_after` seconds."""
+    return ApiError(status, message, "server_error" if status >= 500 else "rate_limit_error", code=code,
+                    retry_after=retry_after)
 
 
 class _Message(BaseModel):
@@ -54,9 +73,9 @@ class _ChatBody(BaseModel):
     messages: list[_Message] = Field(min_length=1)
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
-    temperature: StrictFloat | StrictInt | None = Field(None, ge=0, le=2)
-    top_p: StrictFloat | StrictInt | None = Field(None, gt=0, le=1)
-    seed: StrictInt | None = None
+    temperature: StrictFloat | StrictInt | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: StrictFloat | StrictInt | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: StrictBool | None = False
     n: StrictInt | None = Field(None, ge=1, le=1)
 
@@ -81,19 +100,66 @@ class ChatRequest:
     stream: bool
 
 
-def parse_json(body: bytes) -> Any:
+def parse_json(body: bytes, cfg: ServeConfig) -> Any:
+    """The body as JSON, within the config's depth and number-length limits (400 otherwise): a body nested
+    100k deep or a 5000-digit number must be a client error, not a RecursionError or ValueError. Runs in O(size):
+    call it off the event loop for large bodies."""
+    def number(kind: type) -> Any:
+        def parse(text: str) -> Any:
+            if len(text) > cfg.max_json_number_chars:
+                raise ApiError(400, f"a number in the body is longer than {cfg.max_json_number_chars} characters",
+                               code="invalid_json")
+            value = kind(text)
+            if kind is float and not math.isfinite(value):
+                raise ApiError(400, "a number in the body is out of range", code="invalid_json")
+            return value
+        return parse
+
+    def constant(_: str) -> Any:
+        raise ApiError(400, "NaN and Infinity are not JSON", code="invalid_json")
+
+    too_deep = False
     try:
-        return json.loads(body)
+        payload = json.loads(body, parse_int=number(int), parse_float=number(float), parse_constant=constant)
+    except RecursionError:
+        payload, too_deep = None, True
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ApiError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
+        where = f" (line {err.lineno}, column {err.colno})" if isinstance(err, json.JSONDecodeError) else ""
+        raise ApiError(400, f"the request body is not valid JSON{where}", code="invalid_json") from None
+    if too_deep or _depth_over(payload, cfg.max_json_depth):
+        raise ApiError(400, f"the JSON body is nested deeper than {cfg.max_json_depth} levels", code="json_too_deep")
+    return payload
 
 
-def _location_allowed(location: str, allowed: list[str]) -> bool:
-    if "://" in location:
-        return any(location.startswith(prefix) for prefix in allowed if "://" in prefix)
-    real = os.path.realpath(location)  # no escaping an allowed folder with ../ or a symlink
-    return any(real == os.path.realpath(p) or real.startswith(os.path.realpath(p).rstrip(os.sep) + os.sep)
-               for p in allowed if "://" not in p)
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether `value` nests containers deeper than `limit` (iterative: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
+
+
+def not_allowed(param: str, why: str) -> ApiError:
+    return ApiError(400, f"audio by path or URL is not allowed here ({why}); send it inline as input_audio",
+                    param=param, code="audio_source_not_allowed")
+
+
+def check_location(location: str, cfg: ServeConfig, param: str) -> None:
+    """Checks of a path or URL that need no file system, fast enough for the event loop: an allow-list is
+    configured, the length is bounded, no control characters. The allow-list itself is matched by
+    af3dist.server.sources.read_source, off the event loop (it may resolve a path)."""
+    if not cfg.allowed_audio_sources:
+        raise not_allowed(param, "no audio sources are configured")
+    if len(location) > cfg.max_audio_location_chars:
+        raise ApiError(400, f"the audio path or URL is longer than {cfg.max_audio_location_chars} characters",
+                       param=param, code="invalid_value")
+    if _BAD_LOCATION_CHARS.search(location):
+        raise ApiError(400, "the audio path or URL holds control characters, whitespace or a backslash",
+                       param=param, code="invalid_value")
 
 
 def _audio_part(part: dict[str, Any], index: str, cfg: ServeConfig) -> AudioRef:
@@ -103,9 +169,9 @@ def _audio_part(part: dict[str, Any], index: str, cfg: ServeConfig) -> AudioRef:
         if not isinstance(spec, dict):
             raise ApiError(400, "input_audio must be an object with `data` and `format`", param=index)
         data, fmt = spec.get("data"), spec.get("format")
-        if fmt not in AUDIO_FORMATS:
-            raise ApiError(400, f"input_audio.format must be one of {', '.join(AUDIO_FORMATS)}, got {fmt!r}",
-                           param=f"{index}.input_audio.format", code="unsupported_format")
+        if fmt is not None and not (isinstance(fmt, str) and FORMAT_NAME.fullmatch(fmt)):
+            raise ApiError(400, "input_audio.format must be a container or codec name such as wav, mp3 or m4a",
+                           param=f"{index}.input_audio.format", code="invalid_value")
         if not isinstance(data, str) or not data:
             raise ApiError(400, "input_audio.data must be a non-empty base64 string",
                            param=f"{index}.input_audio.data")
@@ -120,22 +186,40 @@ def _audio_part(part: dict[str, Any], index: str, cfg: ServeConfig) -> AudioRef:
         location = part["audio_url"].get("url")
     if not isinstance(location, str) or not location:
         raise ApiError(400, f"an {kind} part must carry audio (input_audio with base64 data)", param=index)
-    if not _location_allowed(location, cfg.allowed_audio_sources):
-        raise ApiError(400, f"audio by path or URL is not allowed here ({location!r}); send it inline as "
-                            "input_audio", param=index, code="audio_source_not_allowed")
+    check_location(location, cfg, index)
     return AudioRef(location=location)
+
+
+def _text(value: Any, param: str) -> str:
+    if not isinstance(value, str):
+        raise ApiError(400, "a text part needs a string `text`", param=param)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "the text holds lone surrogates (not valid Unicode)", param=param,
+                       code="invalid_value") from None
+    return value
 
 
 def parse_chat_request(payload: Any, cfg: ServeConfig) -> ChatRequest:
     """A checked chat-completions request: exactly one audio part, the last user turn's text as prompt."""
     if not isinstance(payload, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    messages = payload.get("messages")
+    if isinstance(messages, list) and (len(messages) > cfg.max_messages or any(
+            isinstance(m, dict) and isinstance(m.get("content"), list) and len(m["content"]) > cfg.max_messages
+            for m in messages)):
+        raise ApiError(400, f"a request may hold at most {cfg.max_messages} messages of at most {cfg.max_messages} "
+                            "parts each", param="messages", code="invalid_value")
     try:
         body = _ChatBody.model_validate(payload)
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
         raise ApiError(400, f"{loc}: {first['msg']}", param=loc, code="invalid_value") from None
+    if body.temperature is not None and 0 < body.temperature < MIN_TEMPERATURE:
+        raise ApiError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}", param="temperature",
+                       code="invalid_value")
 
     audio: list[AudioRef] = []
     prompt_parts: list[str] = []
@@ -146,17 +230,16 @@ def parse_chat_request(payload: Any, cfg: ServeConfig) -> ChatRequest:
             index = f"messages.{m_i}.content.{p_i}"
             kind = part.get("type")
             if kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise ApiError(400, "a text part needs a string `text`", param=f"{index}.text")
+                text = _text(part.get("text"), f"{index}.text")
                 if message.role == "user":
-                    prompt_parts.append(part["text"])
+                    prompt_parts.append(text)
             elif kind in ("input_audio", "audio", "audio_url"):
                 if message.role != "user":
                     raise ApiError(400, "audio is only accepted in user messages", param=index)
                 audio.append(_audio_part(part, index, cfg))
             else:
-                raise ApiError(400, f"unsupported content part type {kind!r} (use text and input_audio)",
-                               param=f"{index}.type")
+                raise ApiError(400, "unsupported content part type (use text and input_audio)",
+                               param=f"{index}.type", code="invalid_value")
         if message.role == "user" and m_i != len(body.messages) - 1:
             prompt_parts = []  # only the last user turn is the question about the clip
     if len(audio) != 1:
@@ -167,12 +250,48 @@ def parse_chat_request(payload: Any, cfg: ServeConfig) -> ChatRequest:
     if max_tokens is None:
         max_tokens = cfg.default_max_tokens
     if not 1 <= max_tokens <= cfg.max_tokens_limit:
-        raise ApiError(400, f"max_tokens must be between 1 and {cfg.max_tokens_limit}, got {max_tokens}",
+        raise ApiError(400, f"max_tokens must be between 1 and {cfg.max_tokens_limit}",
                        param="max_tokens", code="invalid_value")
     prompt = " ".join(t.strip() for t in prompt_parts if t.strip())
+    check_prompt_chars(prompt, cfg)
     return ChatRequest(model=body.model, audio=audio[0], prompt=prompt, max_tokens=max_tokens,
                        temperature=float(body.temperature or 0.0), top_p=float(body.top_p or 1.0),
                        seed=body.seed, stream=bool(body.stream))
+
+
+def check_prompt_chars(prompt: str, cfg: ServeConfig, param: str = "messages") -> None:
+    """The cheap prompt limit, before any tokenizing (a 25 MB prompt must not reach the tokenizer)."""
+    if len(prompt) > cfg.max_prompt_chars:
+        raise ApiError(400, f"the prompt is longer than {cfg.max_prompt_chars} characters", param=param,
+                       code="prompt_too_long")
+
+
+class PromptChecker:
+    """The prompt checks that need the tokenizer: no special or added token text (`<sound>`, `<|im_start|>`
+    would break the audio expansion or the chat template), at most `max_prompt_tokens` tokens; and the context
+    check after featurizing, `prompt_tokens + max_tokens <= max_model_len` (vLLM's rule)."""
+
+    def __init__(self, tokenizer: Any, cfg: ServeConfig):
+        self.tokenizer, self.cfg = tokenizer, cfg
+        added = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
+        self.forbidden = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True) if t))
+
+    def check(self, prompt: str, param: str = "messages") -> None:
+        check_prompt_chars(prompt, self.cfg, param)
+        if prompt and self.forbidden.pattern and self.forbidden.search(prompt):
+            raise ApiError(400, "the prompt holds a special token of the model (such as <sound>); remove it",
+                           param=param, code="special_token_in_prompt")
+        n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+        if n > self.cfg.max_prompt_tokens:
+            raise ApiError(400, f"the prompt is {n} tokens; the limit is {self.cfg.max_prompt_tokens}", param=param,
+                           code="prompt_too_long")
+
+    def check_context(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens + max_tokens > self.cfg.max_model_len:
+            raise ApiError(400, f"this model's maximum context length is {self.cfg.max_model_len} tokens; the "
+                                f"request asks for {prompt_tokens + max_tokens} ({prompt_tokens} in the messages, "
+                                f"audio included, {max_tokens} in the completion): shorten the audio, the prompt "
+                                "or max_tokens", param="max_tokens", code="context_length_exceeded")
 
 
 def completion_id() -> str:

@@ -3,6 +3,7 @@ foreground until SIGINT/SIGTERM, then shut the app down cleanly."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import threading
@@ -18,15 +19,26 @@ log = logging.getLogger(__name__)
 APP_NAME = "af3dist"
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` binds to this machine only (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def serve_forever(config: str, overrides: list[str], model: str | None, adapters: dict[str, str],
                   host: str | None = None, port: int | None = None) -> None:
+    host = host or load_config(config, overrides).serve.host
+    if not is_loopback(host):  # reachable from elsewhere: no key must mean `serve.api_key=none`, said on purpose
+        overrides = [*overrides, "serve.require_api_key=true"]
     cfg = load_config(config, overrides)  # fail on a bad config before anything starts
     init_ray(cfg.ray)
-    host, port = host or cfg.serve.host, port or cfg.serve.port
+    port = port or cfg.serve.port
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.serve.http_request_timeout_s})
     app = build_app({"config": config, "overrides": overrides, "model": model, "adapters": adapters})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     print(f"af3dist: serving on http://{host}:{port} (OpenAI API at /v1); Ctrl-C or SIGTERM stops it",
