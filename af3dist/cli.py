@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from af3dist.config import Config, ConfigError, load_config, preset_names
@@ -88,10 +90,30 @@ def _main_job(args: argparse.Namespace) -> None:
     run_main(config_from_args(args), limit=args.limit)
 
 
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """`ray job stop` and schedulers send SIGTERM: unwind (releasing the output lock) instead of dying."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _caption_batch(args: argparse.Namespace) -> None:
     import json
 
     from af3dist.captioning.job import BatchCaptionConfig, run_batch_caption
+    from af3dist.captioning.lock import LockLost, OutputLocked
 
     options = {k: v for k, v in vars(args).items()
                if k not in ("command", "func", "base", "ray_address", "num_cpus") and v is not None}
@@ -99,7 +121,12 @@ def _caption_batch(args: argparse.Namespace) -> None:
     if not options["model"]:
         raise ConfigError("caption-batch needs --model (merged or base) or --base with --adapter")
     cfg = BatchCaptionConfig.make(**options, ray={"address": args.ray_address, "num_cpus": args.num_cpus})
-    summary = run_batch_caption(cfg)
+    try:
+        with _sigterm_unwinds():
+            summary = run_batch_caption(cfg)
+    except (OutputLocked, LockLost) as e:
+        print(f"af3dist: {e}", file=sys.stderr)
+        raise SystemExit(3) from None
     print(json.dumps(summary, indent=2))
     if not summary["complete"] and cfg.limit is None:
         raise SystemExit(1)
@@ -195,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-rows", type=int, help="rows per output shard (default 1000)")
     p.add_argument("--flush-seconds", type=float, help="also write a shard this often (default 60)")
     p.add_argument("--limit", type=int, help="caption at most N new inputs")
+    p.add_argument("--retry-errors", action="store_true", default=None,
+                   help="also recaption ids whose stored error is transient (unreadable, timeout, "
+                        "generation_failed); the new row replaces the old one")
+    p.add_argument("--lock-stale-seconds", type=float,
+                   help="take over the output's lock when its heartbeat is this old (default 300; a dead "
+                        "run on this host is taken over at once)")
     p.add_argument("--ray-address", help="default: $RAY_ADDRESS, else a local Ray instance")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance")
     p.set_defaults(func=_caption_batch)

@@ -9,7 +9,11 @@
 Every stage streams (Ray Data backpressure bounds memory), and a bad input never stops the run: it travels
 down the pipeline as a row with `error` set ("<reason>: <detail>", reason from `af3dist.data.audio.REASONS`)
 and no model work. A rerun with the same output skips ids already written, so every input ends up in the
-output exactly once.
+output exactly once; with `retry_errors` it also recaptions the ids whose error is transient
+(`TRANSIENT_REASONS`: unreadable, timeout, generation_failed), and the new attempt replaces the old row
+(`shards.read_output` keeps the latest attempt per id, `shards.compact_output` rewrites the files).
+One run per output folder at a time: the run holds the folder's lock (`af3dist.captioning.lock`) from
+before it touches the folder until it ends, normally or not.
 """
 
 from __future__ import annotations
@@ -26,13 +30,17 @@ import pyarrow as pa
 import ray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from af3dist.captioning.inputs import InputPlan, plan_inputs
+from af3dist.captioning.inputs import InputPlan, check_output_outside_input, plan_inputs
+from af3dist.captioning.lock import STALE_SECONDS, OutputLock
 from af3dist.captioning.shards import (
-    SUMMARY_FILE, ShardWriter, read_done_ids, read_output, remove_temp_files, write_atomic,
+    SUMMARY_FILE, ShardWriter, compact_output, read_done_ids, read_output, remove_temp_files, write_atomic,
 )
 from af3dist.cluster import init_ray
 from af3dist.config import ConfigError, RayConfig, expand_path, format_errors
-from af3dist.data.audio import TARGET_SAMPLING_RATE, ClipError, load_waveform, read_audio_file
+from af3dist.data.audio import (
+    TARGET_SAMPLING_RATE, TRANSIENT_REASONS, ClipError, load_waveform, read_audio_file,
+)
+from af3dist.data.batching import length_key, rows_of
 from af3dist.data.features import Featurizer, load_processor
 from af3dist.data.pipeline import ragged, row_group_rows, units_dataset
 from af3dist.inference import DEFAULT_PROMPT, CaptionPredictor
@@ -72,6 +80,10 @@ class BatchCaptionConfig(BaseModel):
     flush_seconds: float = Field(60.0, gt=0, description="also write a shard this often (bounds lost work)")
     progress_seconds: float = Field(10.0, gt=0)
     limit: int | None = Field(None, ge=1, description="caption at most this many new inputs")
+    retry_errors: bool = Field(False, description="also recaption ids whose stored error is transient "
+                                                  "(unreadable, timeout, generation_failed)")
+    lock_stale_seconds: float = Field(STALE_SECONDS, gt=0, description="take over an output lock whose "
+                                                                      "heartbeat is this old")
     ray: RayConfig = RayConfig()
 
     @field_validator("actors", mode="before")
@@ -116,7 +128,7 @@ def read_file_rows(batch: dict[str, np.ndarray], *, max_bytes: int) -> dict[str,
     """(id, path, location) -> (id, path, bytes, error): each file's bytes, or why it cannot be read."""
     data, errors = [], []
     for location in batch["location"]:
-        try:
+        try:  # read_audio_file refuses local FIFOs, devices and sockets without opening them
             data.append(read_audio_file(str(location), max_bytes))
             errors.append("")
         except ClipError as e:
@@ -199,35 +211,65 @@ def clip_rows_from_row_groups(batch: dict[str, np.ndarray], *, filesystem, colum
 # The model stage
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA OOM, or a CPU allocator's "out of memory"-like RuntimeError: a smaller batch may fit."""
+    import torch
+
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class CaptionActor:
-    """One model per actor. Rows with an error pass through untouched; the others are captioned by a
-    `CaptionPredictor` (sorted by length within the call, cut into `batch_size` batches, greedy). A batch
-    whose generation fails is retried clip by clip, so one bad clip fails alone."""
+    """One model per actor. Rows with an error pass through untouched; the others are sorted by length
+    and captioned `batch_size` at a time by a `CaptionPredictor` (greedy). A batch that runs out of memory
+    is halved and retried, down to one clip; one that fails otherwise is retried clip by clip, so one bad
+    clip fails alone. A clip whose generation still fails alone gets `generation_failed`, a transient
+    reason (`--retry-errors` retries it), never `corrupt`: the failure says nothing about the file."""
 
     def __init__(self, model: str, adapter: str | None, dtype: str, max_new_tokens: int, batch_size: int,
                  threads: int):
         import torch
 
         torch.set_num_threads(max(1, threads))
+        self.batch_size = batch_size
         self.predictor = CaptionPredictor(model, adapter=adapter, dtype=dtype, max_new_tokens=max_new_tokens,
                                           batch_size=batch_size)
 
-    def _predict(self, batch: dict[str, np.ndarray], idx: list[int]) -> list[Any]:
+    def _generate(self, batch: dict[str, np.ndarray], idx: list[int]) -> list[str | ClipError]:
+        """Captions of the rows `idx` (at most `batch_size`, one generate call), or per-row errors."""
         sub = {k: batch[k][idx] for k in ["id", *MODEL_COLUMNS]}
         try:
             return list(self.predictor(sub)["prediction"])
         except Exception as e:
             if len(idx) == 1:
-                return [ClipError("corrupt", f"generation failed: {type(e).__name__}: {e}")]
-            return [p for i in idx for p in self._predict(batch, [i])]
+                return [ClipError("generation_failed", f"{type(e).__name__} at batch size 1: {e}")]
+            if is_out_of_memory(e):
+                _free_accelerator_memory()
+                half = (len(idx) + 1) // 2
+                log.warning("generation ran out of memory at batch size %d; retrying at %d", len(idx), half)
+                parts = [idx[:half], idx[half:]]
+            else:
+                parts = [[i] for i in idx]
+            return [p for part in parts for p in self._generate(batch, part)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
         captions = [""] * n
         errors = list(batch["error"])
-        ok = [i for i in range(n) if not errors[i]]
-        if ok:
-            for i, p in zip(ok, self._predict(batch, ok)):
+        lengths = rows_of({k: batch[k] for k in ("num_windows", "num_tokens")})
+        ok = sorted((i for i in range(n) if not errors[i]), key=lambda i: length_key(lengths[i]))
+        for start in range(0, len(ok), self.batch_size):
+            idx = ok[start:start + self.batch_size]
+            for i, p in zip(idx, self._generate(batch, idx)):
                 if isinstance(p, ClipError):
                     errors[i] = str(p)
                 else:
@@ -351,76 +393,116 @@ def error_reason(error: str) -> str:
     return error.split(":", 1)[0]
 
 
-def run_batch_caption(cfg: BatchCaptionConfig, printer=print) -> dict:
-    """Caption every input of `cfg.input` not yet in `cfg.output`; return (and write) the run's summary.
+def is_transient(error: str | None) -> bool:
+    """Whether a stored error says nothing about the clip (a rerun with `retry_errors` tries it again)."""
+    return bool(error) and error_reason(error) in TRANSIENT_REASONS
 
-    The summary counts the inputs, those skipped as already done, those captioned and those failed by
-    reason in this run, and checks the whole output afterwards (`complete`: every input exactly once).
-    """
-    t0 = time.perf_counter()
-    init_ray(cfg.ray)
-    plan = plan_inputs(cfg.input, cfg.split)
-    stale = remove_temp_files(cfg.output)
-    if stale:
-        log.info("removed %d temp files left by an interrupted run", stale)
-    existing = read_output(cfg.output, ["id", "model", "prompt"])
-    done = set(existing["id"].to_pylist())
+
+def _done_ids(cfg: BatchCaptionConfig, printer) -> tuple[set[str], int]:
+    """(ids the output already settles, how many of its error rows this run retries); warns when the
+    output holds rows of another model or prompt."""
+    existing = read_output(cfg.output, ["id", "model", "prompt", "error"])
     others = {(m, p) for m, p in zip(existing["model"].to_pylist(), existing["prompt"].to_pylist())} - {
         (_model_label(cfg.model, cfg.adapter), cfg.prompt)}
     if others:
         printer(f"[caption-batch] warning: {cfg.output} already holds rows from another model or prompt "
                 f"{sorted(others)[:3]}; their ids are skipped, not recaptioned")
+    done, retry = set(), 0
+    for row_id, error in zip(existing["id"].to_pylist(), existing["error"].to_pylist()):
+        if cfg.retry_errors and is_transient(error):
+            retry += 1
+        else:
+            done.add(row_id)
+    return done, retry
+
+
+def _row(cfg: BatchCaptionConfig, batch: dict[str, np.ndarray], i: int) -> dict:
+    """Output row `i` of a result batch."""
+    error = batch["error"][i] or None
+    duration = float(batch["duration_s"][i])
+    return {"id": str(batch["id"][i]), "path": batch["path"][i], "caption": None if error else batch["caption"][i],
+            "duration_s": None if np.isnan(duration) else duration, "model": _model_label(cfg.model, cfg.adapter),
+            "prompt": cfg.prompt, "error": error}
+
+
+def _caption(cfg: BatchCaptionConfig, plan: InputPlan, todo: list[int], writer: ShardWriter, lock: OutputLock,
+             progress: Progress) -> tuple[int, Counter, int, float]:
+    """Stream the pipeline over `todo` into shards; (captioned, errors by reason, repeated rows dropped,
+    seconds from the pipeline's start to its last shard)."""
+    model, adapter, processor = resolve_model(cfg.model, cfg.adapter)
+    load_processor(processor)  # fail in the driver, not in every task, when the model folder is wrong
+    wanted = {plan.ids[i] for i in todo}
+    written: set[str] = set()
+    reasons: Counter[str] = Counter()
+    captioned = repeated = 0
+    ds = build_pipeline(cfg, plan, todo, processor, model, adapter)
+    progress.start = progress._last = time.perf_counter()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        lock.check()  # never write on after another run took the output over
+        rows = []
+        for i in range(len(batch["id"])):
+            row = _row(cfg, batch, i)
+            if row["id"] in written or row["id"] not in wanted:  # a repeated id (input or retried task)
+                repeated += 1
+                continue
+            written.add(row["id"])
+            rows.append(row)
+            if row["error"]:
+                reasons[error_reason(row["error"])] += 1
+            else:
+                captioned += 1
+        writer.add(rows)
+        progress.update(len(rows), sum(1 for r in rows if r["error"]))
+    writer.flush()
+    progress.report(final=True)
+    return captioned, reasons, repeated, time.perf_counter() - progress.start
+
+
+def run_batch_caption(cfg: BatchCaptionConfig, printer=print) -> dict:
+    """Caption every input of `cfg.input` not yet in `cfg.output`; return (and write) the run's summary.
+
+    Refuses at once (ConfigError) when the output is inside the input, and (`lock.OutputLocked`) when
+    another live run holds the output's lock. The summary counts the inputs, those skipped as already done,
+    the error rows retried, those captioned and those failed by reason in this run, and checks the whole
+    output afterwards (`complete`: every input exactly once in the files).
+    """
+    check_output_outside_input(cfg.input, cfg.output, cfg.split)
+    with OutputLock(cfg.output, stale_after=cfg.lock_stale_seconds) as lock:
+        if lock.taken_over:
+            printer(f"[caption-batch] took over the stale lock {lock.path} ({lock.taken_over})")
+        return _run_locked(cfg, lock, printer)
+
+
+def _run_locked(cfg: BatchCaptionConfig, lock: OutputLock, printer) -> dict:
+    t0 = time.perf_counter()
+    init_ray(cfg.ray)
+    plan = plan_inputs(cfg.input, cfg.split)
+    stale = remove_temp_files(cfg.output, lock)
+    if stale:
+        log.info("removed %d temp files left by an interrupted run", stale)
+    healed = compact_output(cfg.output, lock)  # a retry run killed before its compaction left old rows
+    done, retried = _done_ids(cfg, printer)
     todo = [i for i, x in enumerate(plan.ids) if x not in done]
     skipped = len(plan) - len(todo)
     if cfg.limit is not None:
         todo = todo[: cfg.limit]
     printer(f"[caption-batch] {len(plan)} inputs in {cfg.input} ({plan.kind}), {skipped} already in "
-            f"{cfg.output}, {len(todo)} to caption")
+            f"{cfg.output}, {len(todo)} to caption" + (f" ({retried} stored errors retried)" if retried else ""))
 
     writer = ShardWriter(cfg.output, cfg.format, cfg.shard_rows, cfg.flush_seconds)
     progress = Progress(len(todo), cfg.progress_seconds, printer)
-    reasons: Counter[str] = Counter()
-    captioned = repeated = 0
-    pipeline_s = 0.0
-    if todo:
-        model, adapter, processor = resolve_model(cfg.model, cfg.adapter)
-        load_processor(processor)  # fail in the driver, not in every task, when the model folder is wrong
-        label = _model_label(cfg.model, cfg.adapter)
-        wanted = {plan.ids[i] for i in todo}
-        written: set[str] = set()
-        ds = build_pipeline(cfg, plan, todo, processor, model, adapter)
-        t1 = time.perf_counter()
-        progress.start = progress._last = t1
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            rows = []
-            for i in range(len(batch["id"])):
-                row_id = str(batch["id"][i])
-                if row_id in written or row_id not in wanted:  # a repeated id (input or retried task)
-                    repeated += 1
-                    continue
-                written.add(row_id)
-                error = batch["error"][i] or None
-                duration = float(batch["duration_s"][i])
-                rows.append({"id": row_id, "path": batch["path"][i], "caption": None if error else batch["caption"][i],
-                             "duration_s": None if np.isnan(duration) else duration, "model": label,
-                             "prompt": cfg.prompt, "error": error})
-                if error:
-                    reasons[error_reason(error)] += 1
-                else:
-                    captioned += 1
-            writer.add(rows)
-            progress.update(len(rows), sum(1 for r in rows if r["error"]))
-        writer.flush()
-        pipeline_s = time.perf_counter() - t1
-        progress.report(final=True)
+    captioned, reasons, repeated, pipeline_s = (_caption(cfg, plan, todo, writer, lock, progress) if todo
+                                                else (0, Counter(), 0, 0.0))
+    superseded = healed + compact_output(cfg.output, lock)
 
     after = read_done_ids(cfg.output)
     in_output = set(after)
     summary = {
         "input": cfg.input, "output": cfg.output, "model": _model_label(cfg.model, cfg.adapter),
         "inputs": len(plan), "duplicate_ids_in_input": plan.duplicates, "skipped": skipped,
-        "captioned": captioned, "errors": sum(reasons.values()), "errors_by_reason": dict(sorted(reasons.items())),
-        "repeated_rows_dropped": repeated, "shards_written": len(writer.shards),
+        "retried_errors": retried, "captioned": captioned, "errors": sum(reasons.values()),
+        "errors_by_reason": dict(sorted(reasons.items())), "repeated_rows_dropped": repeated,
+        "superseded_rows_removed": superseded, "shards_written": len(writer.shards),
         "wall_s": round(time.perf_counter() - t0, 2), "pipeline_s": round(pipeline_s, 2),
         "clips_per_s": round((captioned + sum(reasons.values())) / pipeline_s, 2) if pipeline_s else None,
         "startup_s": round(progress.first[0] - progress.start, 2) if progress.first else None,
