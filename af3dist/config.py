@@ -131,7 +131,16 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     zero_stage: Literal[2, 3] = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        False, description="auto: off when the micro batch's activations fit the GPU with headroom, else on")
+    micro_batch_tokens: int | None = Field(
+        None, ge=1, description="cut micro batches by this token budget (rows x longest row, audio tokens "
+                                "included; at most micro_batch_size rows) instead of a fixed row count")
+    log_sample_ids: bool = Field(False, description="write the example ids of every step to "
+                                                    "<output_dir>/sample_ids/rank<R>.jsonl (local output dirs)")
+    loss: Literal["labels_only", "full_logits"] = Field(
+        "labels_only", description="labels_only: LM head + fp32 cross-entropy on the labelled positions only "
+                                   "(same loss and gradients, N_labels x V logits); full_logits: transformers'")
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(50, ge=1, description="validation loss and caption metrics every N steps")
     checkpoint_every: int = Field(50, ge=1)

@@ -12,17 +12,34 @@ from pathlib import Path
 
 @contextmanager
 def building_folder(dst: str | Path) -> Iterator[Path]:
-    """Yield a temp folder beside `dst`; on success it replaces `dst`, on error it is removed."""
+    """Yield a temp folder beside `dst`; on success it replaces `dst`, on error it is removed.
+
+    The old folder is renamed aside, the new one renamed in, and only then is the old one deleted: a kill at
+    any point leaves `dst` whole (old or new), or, between the two renames, the old one under `.<name>.old-*`,
+    which the next build puts back first."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    _restore_aside(dst)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         yield tmp
+        aside = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         if dst.exists():
-            shutil.rmtree(dst)
+            os.replace(dst, aside)
         os.replace(tmp, dst)
+        shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _restore_aside(dst: Path) -> None:
+    """Put back an old folder that a killed swap left aside (`dst` missing, `.<name>.old-<pid>` present)."""
+    asides = sorted(dst.parent.glob(f".{dst.name}.old-*"))
+    if not dst.exists() and asides:
+        os.replace(asides[-1], dst)
+        asides = asides[:-1]
+    for leftover in asides:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 @contextmanager

@@ -4,7 +4,10 @@ issue, plus two figures for serving and batch captioning.
 
 1. `train`: LoRA fine-tuning steps through our own pieces (`add_lora`, `enable_gradient_checkpointing`,
    `deepspeed_config` from the af3 preset with ZeRO-2, `collate`) in bf16 on batches shaped like 10 s
-   AudioCaps clips: samples/s, tokens/s, peak GPU memory and model FLOPs utilisation (MFU).
+   AudioCaps clips: samples/s, tokens/s, peak GPU memory and model FLOPs utilisation (MFU). Two variants
+   side by side (`--variants`): `ours` (the label-only loss of `training.loss` and gradient checkpointing as
+   `training.memory` chooses it for `auto`; keys `mb<N>_*`) and `old` (transformers' full-logits loss with
+   checkpointing on, as before; keys `old_mb<N>_*`).
 2. `encoder`: the padding-free audio encoder (`SoundOnlyEncoder`) against the stock forward at full size in
    bf16: agreement on every clip's valid positions, and time for a batch of 10 s clips.
 3. `generate`: greedy decoding throughput (HF `generate`, as the Captioner calls it) at batch 1, 8 and 32:
@@ -41,7 +44,10 @@ from af3dist.data.features import IGNORE_INDEX  # noqa: E402
 from af3dist.inference import unwrap  # noqa: E402
 from af3dist.model.encoder import SoundOnlyEncoder, skip_audio_padding  # noqa: E402
 from af3dist.model.loading import add_lora, avoid_cudnn_attention  # noqa: E402
+from af3dist.model.loading import enable_gradient_checkpointing  # noqa: E402
 from af3dist.training.deepspeed_config import lora_engine  # noqa: E402
+from af3dist.training.loss import label_loss_sum  # noqa: E402
+from af3dist.training.memory import choose_gradient_checkpointing  # noqa: E402
 
 PEAK_BF16_TFLOPS = 989.0
 SOUND_ID, IM_START, IM_END, PAD_ID = 151669, 151644, 151645, 151643
@@ -152,13 +158,29 @@ def build_engine(args, device: torch.device, dtype: torch.dtype):
     start = time.perf_counter()
     model = random_af3(config, device, dtype)
     built_s = time.perf_counter() - start
-    engine, _ = lora_engine(model, cfg.lora, cfg.train, 1, dtype)
+    engine, _ = lora_engine(model, cfg.lora, cfg.train, 1, dtype, bool(cfg.train.gradient_checkpointing))
     return engine, config, cfg, built_s
 
 
+def micro_loss(engine, batch: dict, label_only: bool) -> torch.Tensor:
+    """A micro batch's token-mean loss: the label-only loss of training.loss, or transformers' full one."""
+    if label_only:
+        loss_sum, n = label_loss_sum(engine, batch)
+        return loss_sum / max(n, 1)
+    return engine(**batch).loss
+
+
+def set_checkpointing(engine, on: bool) -> None:
+    model = engine.module
+    if on:
+        enable_gradient_checkpointing(model)
+    else:
+        model.get_base_model().activation_checkpointing_disable()
+
+
 def train_figures(engine, config, device, dtype, args, rng) -> dict:
-    """Warm up, then time micro steps per micro-batch size; every engine.step() is a real optimizer step
-    at each grad_accum boundary."""
+    """Warm up, then time micro steps per micro-batch size and variant; every engine.step() is a real
+    optimizer step at each grad_accum boundary."""
     figures: dict = {}
     for micro_batch in args.micro_batches:
         def batch():
@@ -167,47 +189,70 @@ def train_figures(engine, config, device, dtype, args, rng) -> dict:
             return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in b.items()}
 
         batches = [batch() for _ in range(args.steps)]
-        for b in batches[: args.warmup]:
-            engine.backward(engine(**b).loss)
-            engine.step()
-        sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        losses, start = [], time.perf_counter()
-        for b in batches[args.warmup:]:
-            loss = engine(**b).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach())
-        sync(device)
-        elapsed = time.perf_counter() - start
-        timed = batches[args.warmup:]
-        figures.update(phase_split(engine, timed[:3], device, f"mb{micro_batch}"))
-        if args.profile and micro_batch == args.micro_batches[-1]:
-            profile_steps(engine, timed[:2])
-        samples = micro_batch * len(timed)
-        tokens = sum(int(b["attention_mask"].sum()) for b in timed)
-        flops = sum(model_flops(engine.module, b, config) for b in timed)
-        key = f"mb{micro_batch}"
-        figures[f"{key}_samples_per_s"] = round(samples / elapsed, 2)
-        figures[f"{key}_tokens_per_s"] = round(tokens / elapsed, 1)
-        figures[f"{key}_step_s"] = round(elapsed / len(timed), 4)
-        figures[f"{key}_model_tflops"] = round(flops / elapsed / 1e12, 1)
-        figures[f"{key}_mfu"] = round(flops / elapsed / 1e12 / PEAK_BF16_TFLOPS, 4)
-        figures[f"{key}_loss_first_last"] = [round(float(losses[0]), 3), round(float(losses[-1]), 3)]
-        if device.type == "cuda":
-            figures[f"{key}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-        print(f"[train] micro batch {micro_batch}: " + ", ".join(
-            f"{k[len(key) + 1:]}={v}" for k, v in figures.items() if k.startswith(key)), flush=True)
+        tokens_per_batch = max(int(b["attention_mask"].shape[1]) * micro_batch for b in batches)
+        for variant in args.variants:
+            label_only = variant == "ours"
+            if label_only:
+                checkpointing, why = choose_gradient_checkpointing("auto", config.text_config, tokens_per_batch,
+                                                                   device)
+            else:
+                checkpointing, why = True, "old: always on"
+            set_checkpointing(engine, checkpointing)
+            key = f"mb{micro_batch}" if label_only else f"old_mb{micro_batch}"
+            figures[f"{key}_gradient_checkpointing"] = checkpointing
+            print(f"[train] {key}: label-only loss {label_only}, checkpointing {checkpointing} ({why})", flush=True)
+            try:
+                figures.update(time_micro_steps(engine, batches, config, device, args, key, label_only))
+            except torch.cuda.OutOfMemoryError as err:
+                figures[f"{key}_error"] = f"OutOfMemoryError: {str(err)[:200]}"
+                torch.cuda.empty_cache()
+    set_checkpointing(engine, True)
     return figures
 
 
-def phase_split(engine, batches, device, key: str) -> dict:
+def time_micro_steps(engine, batches, config, device, args, key: str, label_only: bool) -> dict:
+    figures: dict = {}
+    micro_batch = len(batches[0]["input_ids"])
+    for b in batches[: args.warmup]:
+        engine.backward(micro_loss(engine, b, label_only))
+        engine.step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    losses, start = [], time.perf_counter()
+    for b in batches[args.warmup:]:
+        loss = micro_loss(engine, b, label_only)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+    sync(device)
+    elapsed = time.perf_counter() - start
+    timed = batches[args.warmup:]
+    figures.update(phase_split(engine, timed[:3], device, key, label_only))
+    if args.profile and micro_batch == args.micro_batches[-1] and label_only:
+        profile_steps(engine, timed[:2], label_only)
+    samples = micro_batch * len(timed)
+    tokens = sum(int(b["attention_mask"].sum()) for b in timed)
+    flops = sum(model_flops(engine.module, b, config) for b in timed)
+    figures[f"{key}_samples_per_s"] = round(samples / elapsed, 2)
+    figures[f"{key}_tokens_per_s"] = round(tokens / elapsed, 1)
+    figures[f"{key}_step_s"] = round(elapsed / len(timed), 4)
+    figures[f"{key}_model_tflops"] = round(flops / elapsed / 1e12, 1)
+    figures[f"{key}_mfu"] = round(flops / elapsed / 1e12 / PEAK_BF16_TFLOPS, 4)
+    figures[f"{key}_loss_first_last"] = [round(float(losses[0]), 3), round(float(losses[-1]), 3)]
+    if device.type == "cuda":
+        figures[f"{key}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+    print(f"[train] {key}: " + ", ".join(f"{k[len(key) + 1:]}={v}" for k, v in figures.items()
+                                         if k.startswith(key + "_")), flush=True)
+    return figures
+
+
+def phase_split(engine, batches, device, key: str, label_only: bool) -> dict:
     """Forward / backward / optimizer-step seconds of a micro step, synchronised between phases."""
     totals = np.zeros(3)
     for b in batches:
         marks = [time.perf_counter()]
-        loss = engine(**b).loss
+        loss = micro_loss(engine, b, label_only)
         sync(device)
         marks.append(time.perf_counter())
         engine.backward(loss)
@@ -221,12 +266,12 @@ def phase_split(engine, batches, device, key: str) -> dict:
     return {f"{key}_forward_s": fwd, f"{key}_backward_s": bwd, f"{key}_engine_step_s": step}
 
 
-def profile_steps(engine, batches) -> None:
+def profile_steps(engine, batches, label_only: bool) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for b in batches:
-            engine.backward(engine(**b).loss)
+            engine.backward(micro_loss(engine, b, label_only))
             engine.step()
         torch.cuda.synchronize()
     table = prof.key_averages()
@@ -328,6 +373,8 @@ def main() -> None:
                         help="keep cuDNN among the SDPA backends (torch's default; load_model takes it out)")
     parser.add_argument("--merge", action="store_true", help="generate with the LoRA merged into the base")
     parser.add_argument("--phases", type=lambda s: s.split(","), default=["train", "encoder", "generate"])
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=["ours", "old"],
+                        help="ours: label-only loss + checkpointing by memory; old: full logits + checkpointing")
     args = parser.parse_args()
     args.micro_batch = args.micro_batches[0]
 
@@ -358,8 +405,8 @@ def main() -> None:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result.update(params_b=round(total / 1e9, 3), trainable_m=round(trainable / 1e6, 2), build_s=round(built_s, 1),
-                  zero_stage=cfg.train.zero_stage, lora_r=cfg.lora.r,
-                  gradient_checkpointing=cfg.train.gradient_checkpointing)
+                  zero_stage=cfg.train.zero_stage, lora_r=cfg.lora.r, label_only_loss="ours" in args.variants,
+                  gradient_checkpointing="auto (per micro batch: mb<N>_gradient_checkpointing)")
     print(f"[setup] {result}", flush=True)
     phases = [("train", lambda: train_figures(engine, config, device, dtype, args, rng) if engine else {}),
               ("encoder", lambda: encoder_figures(model, device, dtype, rng)),

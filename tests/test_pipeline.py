@@ -98,7 +98,7 @@ def _bad_rows() -> list[tuple[str, bytes | None, str]]:
         ("non_finite", _wav(nan, subtype="FLOAT"), "Broken samples"),
         ("non_finite", _wav(np.full(16000, np.inf, dtype=np.float32), subtype="FLOAT"), "All infinite"),
         ("empty_caption", wav, "   "),
-        ("unsupported_codec", b"\x00\x00\x00\x20ftypM4A " + bytes(2000), "An AAC file"),
+        ("unsupported_codec", b"\x89PNG\r\n\x1a\n" + bytes(2000), "A picture, not audio"),  # M4A now decodes
         ("too_long", encode_audio(np.zeros((16000 * 70, 1), np.float32) + 0.01, 16000, "flac"), "A long hum"),
         ("missing_audio", None, "No bytes"),
     ]

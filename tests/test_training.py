@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
 
 from af3dist.config import ConfigError, load_config
-from af3dist.training.finetune import check_run, finetune, storage_path
+from af3dist.training.finetune import check_run, finetune, run_name, storage_path
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
@@ -96,10 +96,18 @@ def test_bad_runs_fail_before_any_worker_starts(tiny_config, tmp_path):
         check_run(_cfg(tiny_config, "train.cpus_per_worker=4"))
     cfg = _cfg(tiny_config)
     Path(cfg.output_dir).mkdir(parents=True)
-    Path(cfg.output_dir, "config.yaml").write_text(
-        Path(cfg.output_dir).joinpath("x").as_posix() and _cfg(tiny_config, "train.max_steps=99").model_dump_json())
-    with pytest.raises(ConfigError, match=r"holds another run .*train.max_steps"):
+    Path(cfg.output_dir, "config.yaml").write_text(_cfg(tiny_config, "train.learning_rate=0.5").model_dump_json())
+    with pytest.raises(ConfigError, match=r"holds another run .*train.learning_rate"):
         check_run(cfg)
+    # training longer, or evaluating/checkpointing/logging at another cadence, is the same run: it resumes
+    Path(cfg.output_dir, "config.yaml").write_text(
+        _cfg(tiny_config, "train.max_steps=99", "train.eval_every=7", "train.log_every=5").model_dump_json())
+    check_run(cfg)
+    # two output dirs of one name under one shared storage path are two runs
+    shared = ["train.storage_path=/tmp/shared-ray-results"]
+    a = _cfg(tiny_config, *shared, f"output_dir={tmp_path / 'a' / 'run1'}")
+    b = _cfg(tiny_config, *shared, f"output_dir={tmp_path / 'b' / 'run1'}")
+    assert run_name(a) != run_name(b) and run_name(a).startswith("run1-")
 
 
 def _checkpoint_registered(cfg) -> bool:
@@ -151,8 +159,40 @@ finetune(validate(json.loads(sys.argv[1])))
 """
 
 
-def test_rerun_after_the_driver_died_resumes(tiny_config):
-    cfg = _cfg(tiny_config, "train.max_steps=8", "train.checkpoint_every=2", "train.eval_every=4")
+def _sample_ids(cfg) -> dict[tuple[int, int], list[str]]:
+    """(rank, step) -> the example ids that step trained on, from sample_ids/rank<R>.jsonl."""
+    out = {}
+    for path in sorted(Path(cfg.output_dir, "sample_ids").glob("rank*.jsonl")):
+        rank = int(path.stem.removeprefix("rank"))
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            out[(rank, record["step"])] = record["ids"]
+    return out
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_and_a_longer_run_resumes(tiny_config):
+    cfg = _cfg(tiny_config, "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=4")
+    finetune(cfg)
+    assert _checkpoints(cfg) == ["checkpoint_000002", "checkpoint_000004"]
+    states = list(Path(storage_path(cfg), run_name(cfg), "checkpoint_000004", "deepspeed").rglob("*.pt"))
+    assert states
+    for f in states:  # as a partial upload or a bad disk leaves it
+        f.write_bytes(b"not a pickle")
+    longer = _cfg(tiny_config, "train.max_steps=6", "train.checkpoint_every=2", "train.eval_every=4")
+    summary = finetune(longer)  # today's rule would refuse it ("holds another run"), then fail on the bad state
+    resumes = [r for r in _records(longer) if r["kind"] == "resume"]
+    assert resumes and resumes[-1]["step"] == 2, resumes  # the step-4 checkpoint was skipped, with a warning
+    assert summary["metrics"]["step"] == 6
+    assert max(r["step"] for r in _records(longer) if r["kind"] == "train") == 6
+
+
+def test_rerun_after_the_driver_died_resumes_exactly(tiny_config, tmp_path):
+    # the same run uninterrupted, as the reference for which examples every step sees
+    reference = _cfg(tiny_config, "train.max_steps=6", "train.checkpoint_every=2", "train.eval_every=6",
+                     "train.log_sample_ids=true", f"output_dir={tmp_path / 'reference'}")
+    finetune(reference)
+    cfg = _cfg(tiny_config, "train.max_steps=6", "train.checkpoint_every=2", "train.eval_every=6",
+               "train.log_sample_ids=true")
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-c", DRIVER, cfg.model_dump_json()]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -170,4 +210,7 @@ def test_rerun_after_the_driver_died_resumes(tiny_config):
     records = _records(cfg)
     resumes = [r for r in records if r["kind"] == "resume"]
     assert resumes and resumes[-1]["step"] >= 2
-    assert max(r["step"] for r in records if r["kind"] == "train") == 8
+    assert max(r["step"] for r in records if r["kind"] == "train") == 6
+    # every rank saw, step by step, exactly the examples of the uninterrupted run: none twice, none missed
+    seen, expected = _sample_ids(cfg), _sample_ids(reference)
+    assert len(expected) == 2 * 6 and seen == expected

@@ -28,22 +28,43 @@ def length_key(row: Row) -> tuple[int, int]:
     return int(row["num_windows"]), int(row["num_tokens"])
 
 
-def bucket_batches(pools: Iterable[list[Row]], batch_size: int, seed: int) -> Iterator[list[Row]]:
-    """Sort each pool by length, cut it into batches, yield them in a seeded random order."""
+def cut_batches(pool: list[Row], batch_size: int, max_tokens: int | None = None) -> list[list[Row]]:
+    """A length-sorted pool cut into batches of `batch_size` rows, or, with `max_tokens`, of as many rows
+    (at most `batch_size`) as fit the budget once padded: rows x the longest row's tokens (its `<sound>`
+    tokens included, so a 30 s clip costs three times a 10 s one)."""
+    if not max_tokens:
+        return [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
+    batches: list[list[Row]] = []
+    current: list[Row] = []
+    longest = 0
+    for row in pool:
+        n = int(row["num_tokens"])
+        if current and (len(current) >= batch_size or max(longest, n) * (len(current) + 1) > max_tokens):
+            batches.append(current)
+            current, longest = [], 0
+        current.append(row)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def bucket_batches(pools: Iterable[list[Row]], batch_size: int, seed: int,
+                   max_tokens: int | None = None) -> Iterator[list[Row]]:
+    """Sort each pool by length, cut it into batches (`cut_batches`), yield them in a seeded random order."""
     rng = random.Random(seed)
     for pool in pools:
-        pool = sorted(pool, key=length_key)
-        batches = [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
+        batches = cut_batches(sorted(pool, key=length_key), batch_size, max_tokens)
         rng.shuffle(batches)
         yield from batches
 
 
-def iter_bucketed(dataset_iter, batch_size: int, pool_batches: int, seed: int,
-                  prefetch_batches: int = 2) -> Iterator[list[Row]]:
+def iter_bucketed(dataset_iter, batch_size: int, pool_batches: int, seed: int, prefetch_batches: int = 2,
+                  max_tokens: int | None = None) -> Iterator[list[Row]]:
     """Batches of rows from a Ray Data DataIterator or Dataset, length-bucketed within pools."""
     pools = (rows_of(b) for b in dataset_iter.iter_batches(
         batch_size=batch_size * pool_batches, batch_format="numpy", prefetch_batches=prefetch_batches))
-    return bucket_batches(pools, batch_size, seed)
+    return bucket_batches(pools, batch_size, seed, max_tokens)
 
 
 def collate(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -175,7 +175,8 @@ def read_split(cfg: DataConfig, split: str, epoch: int = 0, epochs: int = 1) -> 
 
 
 def build_dataset(cfg: DataConfig, processor: str, split: str, *, ledger=None,
-                  keep_ids: frozenset | None = None, epoch: int = 0, epochs: int = 1) -> Dataset:
+                  keep_ids: frozenset | None = None, epoch: int = 0, epochs: int = 1,
+                  part: tuple[int, int] = (0, 1)) -> Dataset:
     """Model-ready examples of one split, for `epochs` passes from pass `epoch` in one stream (a trainer
     is spared the start-up of a new execution every epoch). `processor` is the model folder or hub id
     whose processor to use; `keep_ids` (audiocap_ids) restricts the rows, e.g. to one row per clip for
@@ -183,9 +184,11 @@ def build_dataset(cfg: DataConfig, processor: str, split: str, *, ledger=None,
 
     The driver plans (shard, row group) units from the parquet footers, and one task reads, decodes and
     featurizes a unit: the encoded audio never travels through the object store, and the first examples
-    flow as soon as one row group is done.
+    flow as soon as one row group is done. `part` = (i, n) keeps every n-th unit from the i-th: one
+    trainer rank's own share of the plan, in plan order.
     """
     files, plan = plan_row_groups(cfg, split, epoch, epochs)
+    plan = plan[part[0]::part[1]]
     decode = dict(split=split, max_seconds=cfg.max_audio_seconds, quality=cfg.resample_quality,
                   keep_ids=keep_ids, ledger=ledger)
     featurize = dict(processor=processor, prompt=cfg.prompt, split=split, ledger=ledger)

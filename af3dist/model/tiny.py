@@ -116,11 +116,14 @@ def _marker(cfg: TinyModelConfig, corpus: list[str]) -> dict:
     return {"tiny_model": cfg.model_dump(), "corpus_size": len(set(corpus))}
 
 
-def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig, corpus: list[str]) -> Path:
+def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig, corpus: list[str],
+                     dtype: torch.dtype = torch.float32) -> Path:
     """Write a randomly initialised tiny AF3 and its processor to `out_dir`, deterministically from cfg.seed.
 
     `corpus` is the text the byte-level BPE is trained on (captions, prompts); any text still encodes,
-    byte by byte, so the tokenizer is complete. The folder is built aside and moved in whole.
+    byte by byte, so the tokenizer is complete. The folder is built aside and moved in whole. The sizes in
+    `cfg` may be the real model's (benchmarks/gpu_real_job.py builds a full-size random AF3 this way, saved
+    in bf16 via `dtype`).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +144,7 @@ def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig, corpus: list[str
         do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
     )
 
+    model = model.to(dtype)
     with building_folder(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

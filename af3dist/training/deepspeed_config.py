@@ -40,11 +40,13 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
     }
 
 
-def lora_engine(model: torch.nn.Module, lora: LoraConfig, cfg: TrainConfig, world_size: int, dtype: torch.dtype):
-    """LoRA on `model` (gradient checkpointing as configured) inside a DeepSpeed engine that optimizes only
-    the trainable weights. Returns (engine, lr scheduler). torch.distributed must already be set up."""
+def lora_engine(model: torch.nn.Module, lora: LoraConfig, cfg: TrainConfig, world_size: int, dtype: torch.dtype,
+                gradient_checkpointing: bool):
+    """LoRA on `model` (with gradient checkpointing when asked: `training.memory` decides for "auto") inside a
+    DeepSpeed engine that optimizes only the trainable weights. Returns (engine, lr scheduler).
+    torch.distributed must already be set up."""
     model = add_lora(model, lora)
-    if cfg.gradient_checkpointing:
+    if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],

@@ -6,12 +6,14 @@ output dir (same run name and storage path) resumes from the last checkpoint ins
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import shutil
 from pathlib import Path
 
+import fsspec
 import ray
 import yaml
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -25,17 +27,30 @@ from af3dist.data.pipeline import build_dataset
 from af3dist.data.source import count_rows, read_references
 from af3dist.fsutil import building_folder, write_text
 from af3dist.training.loop import train_loop_per_worker
-from af3dist.training.state import ADAPTER_DIR, join
+from af3dist.training.state import ADAPTER_DIR, join, train_shard_name
 
 log = logging.getLogger(__name__)
 
 RESOLVED_CONFIG = "config.yaml"
-# Settings that may change between a run and its resumption without making it another run.
+# Settings that may change between a run and its resumption without making it another run: where it runs,
+# and what does not alter the work done so far (train longer, evaluate/checkpoint/log at another cadence), as
+# the HF Trainer allows. A longer max_steps stretches the LR schedule over the new length from here on.
 _RESUMABLE_SECTIONS = ("ray",)
+_RESUMABLE_FIELDS = {"train": ("max_steps", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints",
+                               "max_failures", "eval_caption_clips", "max_new_tokens", "log_sample_ids",
+                               "push_to_hub")}
 
 
 def run_name(cfg: Config) -> str:
-    return cfg.train.run_name or Path(cfg.output_dir.rstrip("/")).name
+    """The Ray Train run's name: train.run_name, else the output dir's name. Under a storage_path that
+    several output dirs may share, a digest of the whole output dir is added, so that `a/run1` and `b/run1`
+    never resume each other."""
+    if cfg.train.run_name:
+        return cfg.train.run_name
+    name = Path(cfg.output_dir.rstrip("/")).name
+    if cfg.train.storage_path:
+        name += "-" + hashlib.sha256(cfg.output_dir.rstrip("/").encode()).hexdigest()[:8]
+    return name
 
 
 def storage_path(cfg: Config) -> str:
@@ -44,7 +59,20 @@ def storage_path(cfg: Config) -> str:
 
 
 def _comparable(cfg_dict: dict) -> dict:
-    return {k: v for k, v in cfg_dict.items() if k not in _RESUMABLE_SECTIONS}
+    out = {k: v for k, v in cfg_dict.items() if k not in _RESUMABLE_SECTIONS}
+    for section, fields in _RESUMABLE_FIELDS.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in fields}
+    return out
+
+
+def _read_previous_config(output_dir: str) -> dict | None:
+    """The resolved config a previous run left in `output_dir` (local or any fsspec URL), or None."""
+    fs, path = fsspec.core.url_to_fs(join(output_dir, RESOLVED_CONFIG))
+    if not fs.isfile(path):
+        return None
+    with fs.open(path, "r") as f:
+        return yaml.safe_load(f.read()) or {}
 
 
 def check_run(cfg: Config) -> None:
@@ -64,13 +92,13 @@ def check_run(cfg: Config) -> None:
     if tc.num_workers * tc.cpus_per_worker > resources.get("CPU", 0):
         raise ConfigError(f"train.num_workers x train.cpus_per_worker = {tc.num_workers * tc.cpus_per_worker:g} "
                           f"CPUs, but the Ray cluster has {resources.get('CPU', 0):g}")
-    previous = Path(cfg.output_dir, RESOLVED_CONFIG)
-    if "://" not in cfg.output_dir and previous.is_file():
-        old = yaml.safe_load(previous.read_text()) or {}
+    old = _read_previous_config(cfg.output_dir)
+    if old is not None:
         new = yaml.safe_load(dump_config(cfg))
         if _comparable(old) != _comparable(new):
             changed = sorted(f"{s}.{k}" for s in new if s not in _RESUMABLE_SECTIONS and isinstance(new[s], dict)
-                             for k in new[s] if (old.get(s) or {}).get(k) != new[s][k])
+                             for k in new[s] if (old.get(s) or {}).get(k) != new[s][k]
+                             and k not in _RESUMABLE_FIELDS.get(s, ()))
             changed += sorted(s for s in new if not isinstance(new[s], dict) and old.get(s) != new[s])
             raise ConfigError(f"output_dir {cfg.output_dir!r} holds another run (its {RESOLVED_CONFIG} differs in "
                               f"{', '.join(changed) or 'structure'}); choose another --output-dir, or delete it "
@@ -94,11 +122,24 @@ def build_datasets(cfg: Config, ledgers: dict) -> tuple[dict, dict[str, list[str
     clips = sorted(references)[: cfg.train.eval_caption_clips]
     keep = frozenset(references[c]["first_id"] for c in clips)
     datasets = {
-        "train": build_dataset(cfg.data, model, cfg.data.train_split, ledger=ledgers["train"], epochs=passes),
+        **{train_shard_name(rank): build_dataset(cfg.data, model, cfg.data.train_split, ledger=ledgers["train"],
+                                                 epochs=passes, part=(rank, tc.num_workers))
+           for rank in range(tc.num_workers)},
         "validation": build_dataset(cfg.data, model, cfg.data.eval_split, ledger=ledgers["validation"]),
         "val_clips": build_dataset(cfg.data, model, cfg.data.eval_split, keep_ids=keep),
     }
     return datasets, {c: references[c]["references"] for c in clips}
+
+
+def ingest_config(num_workers: int) -> DataConfig:
+    """Each rank reads its own train dataset whole, in plan order (a deterministic stream, see
+    `train_shard_name`); evaluation data is split. Ray Train replaces a dataset's execution options with
+    its defaults (preserve_order off), so the order is asked for here, per train dataset."""
+    options = {}
+    for rank in range(num_workers):
+        options[train_shard_name(rank)] = DataConfig.default_ingest_options()
+        options[train_shard_name(rank)].preserve_order = True
+    return DataConfig(datasets_to_split=["validation", "val_clips"], execution_options=options)
 
 
 def _push_to_hub(cfg: Config, adapter_dir: Path) -> str | None:
@@ -119,8 +160,7 @@ def finetune(cfg: Config) -> dict:
     prepare_embedded(cfg)
     init_ray(cfg.ray)
     check_run(cfg)
-    if "://" not in cfg.output_dir:
-        write_text(str(Path(cfg.output_dir, RESOLVED_CONFIG)), dump_config(cfg))
+    write_text(join(cfg.output_dir, RESOLVED_CONFIG), dump_config(cfg))
 
     tc = cfg.train
     ledgers = {split: ErrorLedger.remote(cfg.data.error_rate_ceiling, cfg.data.min_rows_before_ceiling)
@@ -142,7 +182,7 @@ def finetune(cfg: Config) -> dict:
             worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split="all"),
+        dataset_config=ingest_config(tc.num_workers),
     )
     result = trainer.fit()
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import deepspeed
+import pyarrow.fs
 import ray.train
 import ray.train.torch
 import torch
@@ -26,7 +27,10 @@ from af3dist.inference import greedy_generate
 from af3dist.metrics import caption_metrics
 from af3dist.model.loading import load_model, resolve_dtype
 from af3dist.training.deepspeed_config import lora_engine
-from af3dist.training.state import (ADAPTER_DIR, DEEPSPEED_DIR, DEEPSPEED_TAG, MetricsLog, TrainerState)
+from af3dist.training.loss import label_loss_sum
+from af3dist.training.memory import choose_gradient_checkpointing, micro_batch_tokens
+from af3dist.training.state import (ADAPTER_DIR, DEEPSPEED_DIR, DEEPSPEED_TAG, MetricsLog, SampleLog,
+                                    TrainerState, train_shard_name)
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +64,44 @@ class Worker:
         self.pad_id = processor.tokenizer.pad_token_id
         self.eos_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
 
-        self.engine, self.scheduler = lora_engine(load_model(cfg.model.name_or_path, self.dtype), cfg.lora,
-                                                  self.tc, self.world, self.dtype)
+        model = load_model(cfg.model.name_or_path, self.dtype)
+        tokens = micro_batch_tokens(self.tc.micro_batch_size, cfg.data.max_audio_seconds, self.tc.micro_batch_tokens)
+        checkpointing, why = choose_gradient_checkpointing(self.tc.gradient_checkpointing, model.config.text_config,
+                                                           tokens, self.device)
+        if self.rank == 0:
+            print(f"[train] gradient checkpointing {'on' if checkpointing else 'off'} ({why})", flush=True)
+        self.engine, self.scheduler = lora_engine(model, cfg.lora, self.tc, self.world, self.dtype, checkpointing)
         self.state = TrainerState()
 
     # ------------------------------------------------------------------ checkpoints
     def restore(self) -> None:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        """Resume from the latest checkpoint, or, when it cannot be read (a partial upload, a corrupt file),
+        from the newest one before it that can, with a warning: one bad checkpoint never ends a run."""
+        latest = ray.train.get_checkpoint()
+        if latest is None:
             return
-        with checkpoint.as_directory() as folder:
-            self.engine.load_checkpoint(str(Path(folder, DEEPSPEED_DIR)), tag=DEEPSPEED_TAG,
-                                        load_module_strict=False)
-            self.state = TrainerState.load(Path(folder))
-        if self.rank == 0:
-            print(f"[train] resumed from step {self.state.step} (epoch {self.state.epoch}, "
-                  f"{self.state.batches_in_epoch} batches into it)", flush=True)
+        for checkpoint in checkpoints_newest_first(latest):
+            try:
+                with checkpoint.as_directory() as folder:
+                    state = TrainerState.load(Path(folder))  # first: cheap, and a partial checkpoint lacks it
+                    loaded, _ = self.engine.load_checkpoint(str(Path(folder, DEEPSPEED_DIR)), tag=DEEPSPEED_TAG,
+                                                            load_module_strict=False)
+                    if loaded is None:
+                        raise FileNotFoundError(f"no DeepSpeed state under {DEEPSPEED_DIR}/{DEEPSPEED_TAG}")
+            except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: try the one before
+                log.warning("checkpoint %s cannot be restored (%s: %s); trying the one before it",
+                            checkpoint.path, type(err).__name__, str(err)[:300])
+                if self.rank == 0:
+                    print(f"[train] WARNING: checkpoint {checkpoint.path} cannot be restored "
+                          f"({type(err).__name__}); falling back to the one before it", flush=True)
+                continue
+            self.state = state
+            if self.rank == 0:
+                print(f"[train] resumed from step {self.state.step} (epoch {self.state.epoch}, "
+                      f"{self.state.batches_in_epoch} batches into it) from {checkpoint.path}", flush=True)
+            return
+        raise RuntimeError(f"no checkpoint of this run can be restored (latest: {latest.path}); move its "
+                           f"checkpoints aside to start over")
 
     def save_and_report(self, metrics: dict) -> None:
         """All ranks: DeepSpeed state (own partitions), rank 0: adapter + processor + trainer state."""
@@ -108,9 +134,8 @@ class Worker:
         total = torch.zeros(2, dtype=torch.float64)
         shard = ray.train.get_dataset_shard("validation")
         for rows in iter_bucketed(shard, self.tc.micro_batch_size, 1, seed=0):
-            batch = _to(collate(rows, self.pad_id), self.device, self.dtype)
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            total += torch.tensor([float(self.engine(**batch).loss) * n, n], dtype=torch.float64)
+            loss_sum, n = self.loss_sum(_to(collate(rows, self.pad_id), self.device, self.dtype))
+            total += torch.tensor([float(loss_sum), n], dtype=torch.float64)
         dist.all_reduce(total)
         self.engine.train()
         return float(total[0] / total[1]) if total[1] else float("nan")
@@ -141,6 +166,53 @@ class Worker:
         return {f"eval_{k}": v for k, v in scores.items() if isinstance(v, (int, float))}
 
     # ------------------------------------------------------------------ training
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(summed next-token loss over the micro batch's label tokens, their count)."""
+        if self.tc.loss == "labels_only":
+            return label_loss_sum(self.engine, batch)
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return self.engine(**batch).loss * n, n
+
+    def micro_batches(self):
+        """This rank's micro batches from where the checkpoint left off, epoch after epoch. The rank's stream
+        is deterministic (its own read units, in plan order), so skipping the batches a checkpoint counted
+        resumes exactly where the run stopped."""
+        shard = ray.train.get_dataset_shard(train_shard_name(self.rank))
+        while True:
+            skip, seen = self.state.batches_in_epoch, 0
+            for rows in iter_bucketed(shard, self.tc.micro_batch_size, self.cfg.data.bucket_pool_batches,
+                                      seed=self.tc.seed + self.state.epoch, max_tokens=self.tc.micro_batch_tokens):
+                seen += 1
+                if seen > skip:
+                    self.state.batches_in_epoch = seen  # counted when handed out: a checkpoint follows its step
+                    yield rows
+            if seen == 0:
+                raise RuntimeError("the training split yielded no batches on this worker")
+            self.state.epoch += 1
+            self.state.batches_in_epoch = 0
+
+    def train_step(self, window: list[list]) -> tuple[float, int]:
+        """One optimizer step over `window` (grad_accum_steps micro batches): every label token of the global
+        batch weighs the same, however tokens fall into micro batches and ranks. Returns the step's loss and
+        the global batch's (unpadded) tokens."""
+        batches = [_to(collate(rows, self.pad_id), self.device, self.dtype) for rows in window]
+        counts = torch.tensor([[int((b["labels"][:, 1:] != IGNORE_INDEX).sum()), int(b["attention_mask"].sum())]
+                               for b in batches], dtype=torch.float64).sum(0)
+        dist.all_reduce(counts)
+        n_global = max(float(counts[0]), 1.0)
+        # DeepSpeed divides each micro batch's loss by grad_accum_steps and averages gradients over ranks:
+        # scaling by both turns the sum of micro-batch sums into the global batch's token mean.
+        scale = self.world * len(batches) / n_global
+        total = torch.zeros(1, dtype=torch.float64)
+        for batch in batches:
+            loss_sum, _ = self.loss_sum(batch)
+            self.engine.backward(loss_sum * scale)
+            self.engine.step()
+            total += float(loss_sum.detach())
+        dist.all_reduce(total)
+        self.state.samples_seen += sum(len(rows) for rows in window) * self.world
+        return float(total[0]) / n_global, int(counts[1])
+
     def train(self) -> None:
         tc = self.tc
         metrics_log = MetricsLog(self.cfg.output_dir, self.state.step) if self.rank == 0 else None
@@ -151,64 +223,34 @@ class Worker:
         dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
         if metrics_log is not None:
             metrics_log.log({"kind": "workers", "step": self.state.step, "node_ids": node_ids})
-        shard = ray.train.get_dataset_shard("train")
-        start = time.perf_counter()
-        start_step = self.state.step
-        wait = compute = 0.0
-        last_loss = float("nan")
+        samples = SampleLog(self.cfg.output_dir, self.rank, self.state.step) if tc.log_sample_ids else None
+        meter = Meter(self.state.step, self.state.samples_seen)
+        batches = self.micro_batches()
         self.engine.train()
         while self.state.step < tc.max_steps:
-            skip = self.state.batches_in_epoch
-            batches = iter_bucketed(shard, tc.micro_batch_size, self.cfg.data.bucket_pool_batches,
-                                    seed=tc.seed + self.state.epoch)
-            seen = 0
-            t0 = time.perf_counter()
-            for rows in batches:
-                seen += 1
-                if seen <= skip:  # resuming: this epoch's first batches were already trained on
-                    t0 = time.perf_counter()
-                    continue
-                t1 = time.perf_counter()
-                wait += t1 - t0
-                batch = _to(collate(rows, self.pad_id), self.device, self.dtype)
-                loss = self.engine(**batch).loss
-                self.engine.backward(loss)
-                steps_before = self.engine.global_steps
-                self.engine.step()
-                last_loss = float(loss)
-                self.state.batches_in_epoch += 1
-                self.state.samples_seen += len(rows) * self.world
-                t0 = time.perf_counter()
-                compute += t0 - t1
-                if self.engine.global_steps == steps_before:  # inside a gradient accumulation window
-                    continue
-                self.state.step = self.engine.global_steps
-                self._after_step(last_loss, start, start_step, wait, compute, metrics_log)
-                t0 = time.perf_counter()  # evaluation and checkpoints are neither data wait nor step time
-                if self.state.step >= tc.max_steps:
-                    break
-            else:  # the shard is exhausted: next epoch
-                if seen == 0:
-                    raise RuntimeError("the training split yielded no batches on this worker")
-                self.state.epoch += 1
-                self.state.batches_in_epoch = 0
-        if metrics_log is not None:
-            metrics_log.close()
+            with meter.waiting():
+                window = [next(batches) for _ in range(tc.grad_accum_steps)]
+            with meter.computing():
+                loss, tokens = self.train_step(window)
+            meter.tokens += tokens
+            self.state.step += 1
+            assert self.state.step == self.engine.global_steps, "DeepSpeed and the loop disagree on the step"
+            if samples is not None:
+                samples.write(self.state.step, [str(row["id"]) for rows in window for row in rows])
+            self._after_step(loss, meter, metrics_log)
+        for log_ in (metrics_log, samples):
+            if log_ is not None:
+                log_.close()
 
-    def _after_step(self, loss: float, start: float, start_step: int, wait: float, compute: float,
-                    metrics_log: MetricsLog | None) -> None:
+    def _after_step(self, loss: float, meter: "Meter", metrics_log: MetricsLog | None) -> None:
         tc, step = self.tc, self.state.step
         final = step >= tc.max_steps
         record: dict = {"kind": "train", "step": step, "loss": loss,
                         "lr": float(self.scheduler.get_last_lr()[0]) if self.scheduler else tc.learning_rate}
         if step % tc.log_every == 0 or final:
-            elapsed = time.perf_counter() - start
-            done = step - start_step
-            record["samples_per_s"] = done * tc.micro_batch_size * tc.grad_accum_steps * self.world / elapsed
-            record["data_wait_fraction"] = wait / max(wait + compute, 1e-9)
-            record["data_wait_s"], record["compute_s"] = round(wait, 4), round(compute, 4)
+            record.update(meter.rates(step, self.state.samples_seen))
             if self.rank == 0:
-                eta = elapsed / max(done, 1) * (tc.max_steps - step)
+                eta = meter.elapsed() / max(step - meter.start_step, 1) * (tc.max_steps - step)
                 print(f"[train] step {step}/{tc.max_steps} | {record['samples_per_s']:.1f} samples/s | "
                       f"loss {loss:.4f} | lr {record['lr']:.2e} | data wait {record['data_wait_fraction']:.0%} | "
                       f"ETA {_fmt_eta(eta)}", flush=True)
@@ -217,6 +259,7 @@ class Worker:
         checkpoint = step % tc.checkpoint_every == 0 or final
         if not (evaluate or checkpoint):
             return
+        meter.pause()  # evaluation and checkpoints are neither data wait nor step time
         eval_record: dict = {"kind": "eval", "step": step, "eval_loss": self.validation_loss()}
         if evaluate and tc.eval_caption_clips > 0:
             eval_record.update(self.caption_scores())
@@ -226,6 +269,63 @@ class Worker:
         if checkpoint:
             self.save_and_report({"step": step, "loss": loss, **{k: v for k, v in eval_record.items()
                                                                    if k != "kind" and k != "step"}})
+        meter.resume()
+
+
+def checkpoints_newest_first(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """`latest` and the other checkpoints of its run (its siblings named checkpoint_*), newest first."""
+    fs, path = latest.filesystem, latest.path.rstrip("/")
+    parent, name = path.rsplit("/", 1)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(parent))
+    except OSError:
+        return [latest]
+    names = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+    return [latest] + [ray.train.Checkpoint(f"{parent}/{n}", filesystem=fs) for n in names]
+
+
+class Meter:
+    """Wall time split into waiting for data and computing, and the rates since the run (re)started;
+    time inside `pause()`/`resume()` (evaluation, checkpoints) counts as neither."""
+
+    def __init__(self, start_step: int, start_samples: int):
+        self.start_step, self.start_samples = start_step, start_samples
+        self.start = time.perf_counter()
+        self.wait = self.compute = self.paused = 0.0
+        self.tokens = 0  # of the global batches since the (re)start, padding excluded
+        self._paused_at: float | None = None
+
+    @contextmanager
+    def _timed(self, attr: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, attr, getattr(self, attr) + time.perf_counter() - t)
+
+    def waiting(self):
+        return self._timed("wait")
+
+    def computing(self):
+        return self._timed("compute")
+
+    def pause(self) -> None:
+        self._paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        if self._paused_at is not None:
+            self.paused += time.perf_counter() - self._paused_at
+            self._paused_at = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+    def rates(self, step: int, samples_seen: int) -> dict:
+        return {"samples_per_s": (samples_seen - self.start_samples) / max(self.elapsed(), 1e-9),
+                "tokens_per_s": self.tokens / max(self.elapsed(), 1e-9),
+                "data_wait_fraction": self.wait / max(self.wait + self.compute, 1e-9),
+                "data_wait_s": round(self.wait, 4), "compute_s": round(self.compute, 4)}
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -16,6 +16,13 @@ DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
 
 
+def train_shard_name(rank: int) -> str:
+    """The dataset that holds rank `rank`'s own read units: each rank reads a fixed part of the plan in plan
+    order, so its stream is the same on every run and a resume can skip exactly what it trained on
+    (a split stream hands blocks to whichever rank asks first)."""
+    return f"train_rank{rank}"
+
+
 @dataclass
 class TrainerState:
     """Where training stands: optimizer step and the data position inside the current epoch."""
@@ -74,3 +81,36 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class SampleLog:
+    """sample_ids/rank<R>.jsonl: the example ids each optimizer step of this rank trained on, one line per
+    step (`train.log_sample_ids`), to audit what a run saw, e.g. that a resumed run saw exactly what an
+    uninterrupted one does. After a resume, lines past the restored step are dropped; a line cut short by
+    a kill is ignored. Local output dirs only."""
+
+    def __init__(self, output_dir: str, rank: int, resume_step: int = 0):
+        self.path = Path(output_dir, "sample_ids", f"rank{rank}.jsonl")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in self.read(self.path) if line["step"] <= resume_step]
+        write_text(str(self.path), "".join(json.dumps(line) + "\n" for line in kept))
+        self.file = self.path.open("a")
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        lines = []
+        if path.is_file():
+            for text in path.read_text().splitlines():
+                try:
+                    lines.append(json.loads(text))
+                except json.JSONDecodeError:
+                    continue
+        return lines
+
+    def write(self, step: int, ids: list[str]) -> None:
+        self.file.write(json.dumps({"step": step, "ids": ids}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
