@@ -1,8 +1,11 @@
 """Caption audio with AF3: base, base + LoRA adapter, or merged model.
 
-`Captioner` replaces the upstream guide's `pipeline("audio-text-to-text")`, which transformers 5.24 does
-not have. Clips may be file paths, encoded bytes, or arrays at any sampling rate; they are captioned in
-length-sorted batches with greedy decoding, so a batch gives the same tokens as one clip at a time.
+`Captioner` is the project's own entry point (transformers 5.24 has no `audio-text-to-text` pipeline; importing
+af3dist registers one backed by the same engine, see af3dist.generation.pipeline). Clips may be file paths,
+encoded bytes, or arrays at any sampling rate. Every caption comes from the shared generation engine
+(af3dist.generation), greedy: a batch gives the same tokens as one clip at a time, and as `model.generate`.
+`generate_tokens` (the `model.generate` call the engine replaced) stays as the reference that tests and
+benchmarks compare the engine with.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from af3dist.data.audio import TARGET_SAMPLING_RATE, load_waveform, read_audio_file, waveform_from_array
 from af3dist.data.features import Featurizer, load_processor
+from af3dist.generation import GenerationEngine, GenFailure, GenRequest
 from af3dist.model.loading import load_model, resolve_dtype, resolve_model
 
 log = logging.getLogger(__name__)
@@ -55,13 +59,6 @@ def generate_tokens(model, inputs: dict[str, torch.Tensor], max_new_tokens: int,
     return result
 
 
-def greedy_generate(model, inputs: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int,
-                    pad_token_id: int, synced_gpus: bool = False) -> list[list[int]]:
-    """Greedy new tokens per row, without the prompt and without anything after the first <|im_end|>."""
-    return [tokens for tokens, _ in generate_tokens(model, inputs, max_new_tokens, eos_token_id, pad_token_id,
-                                                     synced_gpus=synced_gpus)]
-
-
 def to_waveform(clip: Clip, sampling_rate: int | None = None, max_seconds: float | None = None) -> np.ndarray:
     """Any supported clip form -> 16 kHz mono float32 (raises ClipError with a reason when it can't)."""
     if isinstance(clip, (str, Path)):
@@ -74,49 +71,56 @@ def to_waveform(clip: Clip, sampling_rate: int | None = None, max_seconds: float
     return waveform_from_array(clip, sampling_rate or TARGET_SAMPLING_RATE)
 
 
+def captions(engine: GenerationEngine, rows: Sequence[dict], max_new_tokens: int) -> list[str]:
+    """Greedy captions of featurized rows (input_ids, input_features, input_features_mask; a row's labelled
+    caption, if any, is left out of its prompt), in order. Raises on the first failure (the engine keeps
+    nothing in flight), for offline callers that retry as they see fit."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # similar lengths prefill together
+    results = engine.generate([GenRequest(rows[i], max_new_tokens) for i in order])
+    out = [""] * len(rows)
+    for i, r in zip(order, results):
+        if isinstance(r, GenFailure):  # only with an isolating engine
+            raise RuntimeError(f"generation failed ({r.error})")
+        out[i] = r.text
+    return out
+
+
 class Captioner:
-    """Batched greedy captioning with an AF3 model and its processor."""
+    """Batched greedy captioning with an AF3 model and its processor, through one generation engine whose KV
+    cache holds `batch_size` rows (allocated at the first caption, kept for the next ones)."""
 
     def __init__(self, model, processor, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 64,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, batch_size: int = 8):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.featurizer = Featurizer(processor, prompt)
         self.processor = processor
         self.max_new_tokens = max_new_tokens
-        tok = processor.tokenizer
-        self.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
-        self.pad_token_id = tok.pad_token_id
+        self.engine = self._engine(batch_size)
+
+    def _engine(self, batch_size: int) -> GenerationEngine:
+        return GenerationEngine(self.model, self.processor.tokenizer, max_batch_size=batch_size,
+                                isolate_failures=False)
 
     @classmethod
     def load(cls, model: str, adapter: str | None = None, dtype: str = "auto", device: str | None = None,
-             prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 64) -> "Captioner":
+             prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 64, batch_size: int = 8) -> "Captioner":
         """`model`: base or merged folder / hub id, or an adapter folder (its base is read from it)."""
         on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         model, adapter, processor_source = resolve_model(model, adapter)
         return cls(load_model(model, resolve_dtype(dtype, on_gpu), adapter), load_processor(processor_source),
-                   prompt, max_new_tokens, device)
-
-    def inputs_for(self, waveforms: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        texts = [self.featurizer.render(p) for p in prompts]
-        batch = self.processor(text=list(texts), audio=list(waveforms))
-        return {k: v.to(self.device) for k, v in batch.items()}
+                   prompt, max_new_tokens, device, batch_size)
 
     def caption_waveforms(self, waveforms: Sequence[np.ndarray], prompts: Sequence[str] | None = None,
-                          batch_size: int = 8) -> list[str]:
-        """16 kHz waveforms -> captions, batched in order of length to keep padding low."""
+                          batch_size: int | None = None) -> list[str]:
+        """16 kHz waveforms -> captions, in order (`batch_size`: rows decoded together, default the engine's)."""
+        if batch_size is not None and batch_size != self.engine.max_batch_size:
+            self.engine = self._engine(batch_size)
         prompts = list(prompts or [self.featurizer.prompt] * len(waveforms))
-        order = sorted(range(len(waveforms)), key=lambda i: len(waveforms[i]))
-        captions: list[str] = [""] * len(waveforms)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            inputs = self.inputs_for([waveforms[i] for i in idx], [prompts[i] for i in idx])
-            tokens = greedy_generate(self.model, inputs, self.max_new_tokens, self.eos_token_id, self.pad_token_id)
-            for i, t in zip(idx, tokens):
-                captions[i] = self.processor.tokenizer.decode(t, skip_special_tokens=True).strip()
-        return captions
+        rows = [self.featurizer.generation_inputs(w, p) for w, p in zip(waveforms, prompts)]
+        return captions(self.engine, rows, self.max_new_tokens)
 
-    def caption(self, clips: Clip | Sequence[Clip], prompt: str | None = None, batch_size: int = 8,
+    def caption(self, clips: Clip | Sequence[Clip], prompt: str | None = None, batch_size: int | None = None,
                 sampling_rate: int | None = None) -> str | list[str]:
         """Caption one clip (returns a string) or many (returns a list, in input order)."""
         single = isinstance(clips, (str, Path, bytes, tuple)) or (isinstance(clips, np.ndarray) and clips.ndim == 1)
@@ -127,32 +131,22 @@ class Captioner:
 
 
 class CaptionPredictor:
-    """A Ray Data callable class: featurized rows in, a `prediction` column out (greedy, batched by length).
+    """A Ray Data callable class: featurized rows in, a `prediction` column out (greedy, through the engine).
 
-    One instance holds one model; `map_batches(CaptionPredictor, concurrency=N)` makes an actor pool.
+    One instance holds one model and one engine (its KV cache sized for `batch_size` rows);
+    `map_batches(CaptionPredictor, concurrency=N)` makes an actor pool. A failure raises (batch captioning
+    halves the batch on out-of-memory and retries clip by clip otherwise).
     """
 
     def __init__(self, model: str, adapter: str | None = None, dtype: str = "auto", max_new_tokens: int = 64,
                  batch_size: int = 8, device: str | None = None):
         self.captioner = Captioner.load(model, adapter=adapter, dtype=dtype, device=device,
-                                        max_new_tokens=max_new_tokens)
-        self.batch_size = batch_size
+                                        max_new_tokens=max_new_tokens, batch_size=batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from af3dist.data.batching import collate_prompts, length_key, rows_of
+        from af3dist.data.batching import rows_of
 
         c = self.captioner
-        rows = rows_of(batch)
-        order = sorted(range(len(rows)), key=lambda i: length_key(rows[i]))
-        predictions = [""] * len(rows)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            inputs = collate_prompts([rows[i] for i in idx], c.pad_token_id)
-            inputs = {k: v.to(c.device) for k, v in inputs.items()}
-            if c.model.dtype != torch.float32:
-                inputs["input_features"] = inputs["input_features"].to(c.model.dtype)
-            tokens = greedy_generate(c.model, inputs, c.max_new_tokens, c.eos_token_id, c.pad_token_id)
-            for i, t in zip(idx, tokens):
-                predictions[i] = c.processor.tokenizer.decode(t, skip_special_tokens=True).strip()
+        predictions = captions(c.engine, rows_of(batch), c.max_new_tokens)
         keep = [k for k in ("id", "clip_id", "caption", "duration_s") if k in batch]
         return {**{k: batch[k] for k in keep}, "prediction": np.array(predictions, dtype=object)}

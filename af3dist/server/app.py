@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import json
 import logging
 import os
 import time
@@ -59,57 +60,80 @@ class _LoadedAdapter:
 
 
 class AF3Model:
-    """One model replica. Serve's `@serve.batch` splits batches by multiplexed model id, so a batch holds
-    requests for one adapter only (and Engine.generate refuses a mixed one). A request that fails comes back
-    as a GenFailure for its caller alone; the rest of its batch is answered.
+    """One model replica: the Engine's scheduler batches continuously (requests join the running batch at the
+    next decode step and leave it when they finish). A batch holds requests for one adapter only (the Engine
+    runs one adapter's batch at a time, in arrival order). A request that fails comes back as a GenFailure for
+    its caller alone; the rest of its batch is answered. `generate_stream` yields the text as it is decoded.
 
-    Health (Serve's `check_health`, and `ready` for the gateway's /readyz): unhealthy while a batch has run for
-    over `max_batch_seconds` (a wedged device), or when no batch succeeded for `health_probe_interval_s` and a
+    Health (Serve's `check_health`, and `ready` for the gateway's /readyz): unhealthy while a step has run for
+    over `max_batch_seconds` (a wedged device), or when no step succeeded for `health_probe_interval_s` and a
     one-token probe generation fails or outlasts `health_probe_timeout_s`. Serve replaces an unhealthy replica.
     """
 
     def __init__(self, model: str, adapters: dict[str, str], dtype: str = "auto",
-                 health: dict[str, float] | None = None):
-        self.engine = Engine(model, dtype=dtype, adapters=adapters)
+                 health: dict[str, float] | None = None, max_model_len: int = 2048):
+        self.batch_started: float | None = None
+        self.engine = Engine(model, dtype=dtype, adapters=adapters, max_len=max_model_len,
+                             on_step=self._stepping)
         health = health or {}
         self.probe_interval_s = health.get("health_probe_interval_s", 30.0)
         self.probe_timeout_s = health.get("health_probe_timeout_s", 20.0)
         self.max_batch_seconds = health.get("max_batch_seconds", 300.0)
-        self.batch_started: float | None = None
-        self.batch_sizes: list[int] = []
         self.max_batch_size: int | None = None
-        self.batch_metric = metrics.Histogram("af3dist_batch_size", "requests generated together",
+        self._observed = 0
+        self.batch_metric = metrics.Histogram("af3dist_batch_size", "requests prefilled together",
                                               boundaries=[1, 2, 4, 8, 16, 32, 64])
 
+    def _stepping(self, started: float | None) -> None:
+        self.batch_started = started
+
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Runtime knobs from the deployment's user_config (changing them does not restart the replica)."""
+        """Runtime knobs from the deployment's user_config (changing them does not restart the replica):
+        `max_batch_size` (rows decoded together: KV-cache slots, applied once the running batch drains) and
+        `batch_wait_timeout_s` (how long a new batch waits for concurrent arrivals to prefill with)."""
         if "max_batch_size" in user_config:
             self.max_batch_size = int(user_config["max_batch_size"])
-            self.generate_batch.set_max_batch_size(self.max_batch_size)
+            self.engine.set_max_batch_size(self.max_batch_size)
         if "batch_wait_timeout_s" in user_config:
-            self.generate_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+            self.engine.batch_wait_timeout_s = float(user_config["batch_wait_timeout_s"])
 
     async def adapter(self, name: str) -> _LoadedAdapter:
         await asyncio.to_thread(self.engine.load_adapter, name)
         return _LoadedAdapter(self.engine, name)
 
-    async def generate(self, request: GenRequest) -> GenResult | GenFailure:
+    async def _submit(self, request: GenRequest) -> asyncio.Future:
         if request.adapter is not None:
             await self.multiplexed_adapter(request.adapter)
-        return await self.generate_batch(request)
+        future = asyncio.wrap_future(self.engine.submit(request))
+        future.add_done_callback(lambda _: self._observe_batches())
+        return future
 
-    async def generate_batch(self, requests: list[GenRequest]) -> list[GenResult | GenFailure]:
-        self.batch_sizes.append(len(requests))
-        self.batch_metric.observe(len(requests))
-        self.batch_started = time.monotonic()
-        try:
-            # Off the event loop: the replica keeps accepting requests (the next batch fills) while this runs.
-            return await asyncio.to_thread(self.engine.generate, requests)
-        finally:
-            self.batch_started = None
+    def _observe_batches(self) -> None:
+        """Admission sizes the metric has not seen yet (on the event loop, as each request ends)."""
+        sizes = self.engine.admitted
+        for n in sizes[self._observed:]:
+            self.batch_metric.observe(n)
+        self._observed = len(sizes)
+
+    async def generate(self, request: GenRequest) -> GenResult | GenFailure:
+        return await (await self._submit(request))
+
+    async def generate_stream(self, request: GenRequest):
+        """The request's text piece by piece as it is decoded (str), then its GenResult or GenFailure."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        request.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
+        future = await self._submit(request)
+        future.add_done_callback(lambda f: pieces.put_nowait(f))
+        while True:
+            item = await pieces.get()
+            if item is future:
+                yield future.result()
+                return
+            yield item
 
     def stats(self) -> dict[str, Any]:
-        return {"batch_sizes": list(self.batch_sizes), "max_batch_size": self.max_batch_size,
+        return {"batch_sizes": list(self.engine.admitted), "max_batch_size": self.max_batch_size,
                 "loaded_adapters": sorted(self.engine.adapter_paths)}
 
     async def check_health(self) -> None:
@@ -169,10 +193,6 @@ def _model_class(max_adapters: int) -> type:
         @serve.multiplexed(max_num_models_per_replica=max_adapters)
         async def multiplexed_adapter(self, name: str) -> _LoadedAdapter:
             return await self.adapter(name)
-
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # set from user_config in reconfigure()
-        async def generate_batch(self, requests: list[GenRequest]) -> list[GenResult | GenFailure]:
-            return await AF3Model.generate_batch(self, requests)
 
     _AF3Model.__name__ = _AF3Model.__qualname__ = "AF3Model"
     return _AF3Model
@@ -347,20 +367,41 @@ class Gateway:
         self.prompts.check_context(int(len(features["input_ids"])), max_tokens)
         return features
 
-    async def _generate(self, audio: bytes, prompt: str, adapter: str | None, max_tokens: int,
-                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> GenResult:
+    async def _request(self, audio: bytes, prompt: str, adapter: str | None, max_tokens: int,
+                       temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> GenRequest:
         features = await _blocking(self._featurize, audio, prompt, max_tokens)
-        request = GenRequest(features, max_tokens, temperature, top_p, seed, adapter)
-        response = self.model.options(multiplexed_model_id=adapter or "").generate.remote(request)
+        return GenRequest(features, max_tokens, temperature, top_p, seed, adapter)
+
+    @staticmethod
+    def _checked(result: GenResult | GenFailure) -> GenResult:
+        if isinstance(result, GenFailure):
+            raise ApiError(500, f"generation failed ({result.error})", type="server_error",
+                           code="generation_failed")
+        return result
+
+    async def _generate(self, request: GenRequest) -> GenResult:
+        response = self.model.options(multiplexed_model_id=request.adapter or "").generate.remote(request)
         try:
             result = await response
         except asyncio.CancelledError:  # the request's deadline passed: the model need not finish it
             response.cancel()
             raise
-        if isinstance(result, GenFailure):
-            raise ApiError(500, f"generation failed ({result.error})", type="server_error",
-                           code="generation_failed")
-        return result
+        return self._checked(result)
+
+    async def _start_stream(self, request: GenRequest):
+        """The model's stream for `request` and its first item (text, or the whole result): waiting for that
+        first item inside the request's deadline lets overload and failures before the first token still be
+        proper HTTP errors."""
+        stream = self.model.options(multiplexed_model_id=request.adapter or "", stream=True) \
+            .generate_stream.remote(request)
+        try:
+            first = await stream.__anext__()
+        except asyncio.CancelledError:
+            stream.cancel()
+            raise
+        if not isinstance(first, str):
+            self._checked(first)
+        return stream, first
 
     async def _observe(self, route: str, request: Request, handler, admit: bool = True) -> Any:
         """Auth, admission (over max_concurrent_requests: 429 at once), the error shape, metrics."""
@@ -450,30 +491,43 @@ class Gateway:
                 del body
                 adapter = self._adapter_for(chat.model)
                 audio = await self._audio(chat)
-                result = await self._generate(audio, chat.prompt, adapter, chat.max_tokens, chat.temperature,
-                                              chat.top_p, chat.seed)
+                gen = await self._request(audio, chat.prompt, adapter, chat.max_tokens, chat.temperature,
+                                          chat.top_p, chat.seed)
+                if chat.stream:
+                    stream, first = await self._start_stream(gen)
+                else:
+                    result = await self._generate(gen)
             model_name = adapter or self.base_name
             cid = completion_id()
             if chat.stream:
-                return StreamingResponse(self._stream(cid, model_name, result), media_type="text/event-stream")
+                return StreamingResponse(self._stream(cid, model_name, stream, first),
+                                         media_type="text/event-stream")
             return chat_completion(cid, model_name, result.text, result.finish_reason, result.prompt_tokens,
                                    len(result.token_ids))
         return await self._observe("chat_completions", request, handler)
 
-    def _stream(self, cid: str, model_name: str, result: GenResult):
-        """SSE in OpenAI's chunk format. The batch is generated as a whole, so the text is sent as soon as it
-        is ready, one chunk per token."""
-        tokenizer = self.featurizer.tokenizer
+    async def _stream(self, cid: str, model_name: str, stream, first):
+        """SSE in OpenAI's chunk format, each piece of text sent as the model decodes it. `request_timeout_s`
+        bounds the stream too; a failure or a timeout after the first piece ends it with an error event (the
+        status line has gone out already). A client that goes away cancels the model's stream."""
         yield chunk(cid, model_name, {"role": "assistant", "content": ""})
-        sent = ""
-        for i in range(1, len(result.token_ids) + 1):
-            text = tokenizer.decode(result.token_ids[:i], skip_special_tokens=True).strip()
-            if len(text) > len(sent) and text.startswith(sent):
-                yield chunk(cid, model_name, {"content": text[len(sent):]})
-                sent = text
-        if sent != result.text:  # decoding piecewise can differ at the end (stripped spaces)
-            yield chunk(cid, model_name, {"content": result.text[len(sent):]})
-        yield chunk(cid, model_name, {}, finish_reason=result.finish_reason)
+        item = first
+        finished = False
+        try:
+            async with asyncio.timeout(self.cfg.request_timeout_s):
+                while isinstance(item, str):
+                    yield chunk(cid, model_name, {"content": item})
+                    item = await stream.__anext__()
+            finished = True
+            result = self._checked(item)
+            yield chunk(cid, model_name, {}, finish_reason=result.finish_reason)
+        except ApiError as err:
+            yield f"data: {json.dumps(err.body())}\n\n"
+        except (TimeoutError, StopAsyncIteration):
+            yield f"data: {json.dumps(error_body(504, 'the stream did not finish in time', 'timeout'))}\n\n"
+        finally:
+            if not finished:
+                stream.cancel()
         yield DONE
 
     @api.post("/v1/audio/captions")
@@ -500,7 +554,8 @@ class Gateway:
                 if not isinstance(prompt, str) or (model is not None and not isinstance(model, str)):
                     raise ApiError(400, "`prompt` and `model` must be text fields")
                 adapter = self._adapter_for(model)
-                result = await self._generate(await upload.read(), prompt, adapter, self.cfg.default_max_tokens)
+                result = await self._generate(await self._request(await upload.read(), prompt, adapter,
+                                                                  self.cfg.default_max_tokens))
             return {"caption": result.text, "model": adapter or self.base_name}
         return await self._observe("captions", request, handler)
 
@@ -527,7 +582,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     settings = {"serve": serve_cfg.model_dump(), "model": model, "prompt": cfg.data.prompt,
                 "base_name": serve_cfg.model_name or served_name(model)}
     model_app = model_deployment(serve_cfg).bind(model, serve_cfg.adapters, cfg.model.dtype,
-                                                 health_settings(serve_cfg))
+                                                 health_settings(serve_cfg), serve_cfg.max_model_len)
     # The gateway mostly waits on the model: it must hold many more requests than Serve's default of 5,
     # or it, not the model, caps the batch size. Beyond max_concurrent_requests it refuses at once (429); the
     # proxy's queue in front of it is bounded too (503 with Retry-After).

@@ -1,62 +1,40 @@
-"""What a model replica does, free of Ray: hold one base model and its LoRA adapters, and generate for a
-batch of already featurized requests.
+"""What a model replica does, free of Ray: hold one base model and its LoRA adapters, and generate for
+featurized requests continuously through the shared generation engine (af3dist.generation).
 
-Requests in one batch share an adapter (Serve splits batches by multiplexed model id; `generate` checks).
-Greedy requests run as one left-padded batch, each cut at its own `max_tokens`, so every answer equals what
-the request would get alone. A sampled request (temperature > 0) runs on its own with its seed, so its
-tokens never depend on what else was in the batch. Each request succeeds or fails alone: when a batch raises,
-its requests are rerun one by one and only the one that fails gets a `GenFailure`.
+A scheduler thread owns the engine: requests wait in a FIFO queue; at every decode step the ones at its head
+that share the running batch's adapter are prefilled into free slots and join the batch, and a row that
+finishes frees its slot at once. A batch never mixes adapters: a request for another adapter (or the base)
+waits until the running batch drains, then its adapter's batch starts (strict FIFO, so nobody starves).
+Greedy and sampled requests batch alike: a sampled row draws from its own generator seeded from its seed, so
+its tokens never depend on what else is in the batch. Each request succeeds or fails alone (a failing prefill
+is retried row by row; only the request that fails gets a `GenFailure`). `on_text` on a request streams its
+text piece by piece as it is decoded.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Future
 
 import numpy as np
 import torch
 from peft import PeftModel
 
 from af3dist.data.audio import load_waveform
-from af3dist.data.batching import collate_prompts
 from af3dist.data.features import Featurizer, load_processor
-from af3dist.inference import generate_tokens
+from af3dist.generation import GenerationEngine, GenFailure, GenRequest, GenResult
 from af3dist.model.loading import load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 PROBE_PROMPT = "Describe the audio."
 
-
-@dataclass
-class GenRequest:
-    """One featurized request as the model replica receives it."""
-
-    features: dict[str, np.ndarray]  # input_ids, input_features, input_features_mask (Featurizer output)
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    adapter: str | None = None
-
-
-@dataclass
-class GenResult:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (ended with <|im_end|>) or "length"
-    prompt_tokens: int
-
-
-@dataclass
-class GenFailure:
-    """A request generation failed for (a bug or a device fault: its inputs were checked before); the rest of
-    its batch is unaffected. `error` names the exception type only, never request content."""
-
-    error: str
+__all__ = ["Engine", "GenFailure", "GenRequest", "GenResult", "featurize"]
 
 
 def featurize(featurizer: Featurizer, audio: bytes, prompt: str | None, max_seconds: float) -> dict[str, np.ndarray]:
@@ -66,14 +44,18 @@ def featurize(featurizer: Featurizer, audio: bytes, prompt: str | None, max_seco
 
 
 class Engine:
-    """A base AF3 (or merged model) plus LoRA adapters loaded by name, generating batch by batch.
+    """A base AF3 (or merged model) plus LoRA adapters loaded by name, generating continuously (see the module
+    docstring). Thread-safe: `submit` from any thread; a lock serializes decode steps and adapter changes, so
+    an adapter is never swapped or evicted in the middle of a step, and each step runs with its batch's adapter
+    active. A batch for an adapter that is not loaded (evicted meanwhile) loads it.
 
-    Thread-safe: a lock serializes generation and adapter changes, so an adapter is never swapped or
-    evicted in the middle of a batch. A batch for an adapter that is not loaded (evicted meanwhile) loads it.
+    `on_step(started)`: called with time.monotonic() when a prefill/decode step starts and None when it ends
+    (the replica's health check reads it). `max_len`: positions per KV-cache slot (prompt + answer).
     """
 
     def __init__(self, model: str, dtype: str = "auto", adapters: dict[str, str] | None = None,
-                 device: str | None = None):
+                 device: str | None = None, max_batch_size: int = 8, max_len: int = 2048,
+                 batch_wait_timeout_s: float = 0.0, on_step: Callable[[float | None], None] | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.base = load_model(model, resolve_dtype(dtype, self.device.type == "cuda")).to(self.device).eval()
         self.model: torch.nn.Module = self.base
@@ -85,8 +67,18 @@ class Engine:
         self.adapter_paths: dict[str, str] = {}  # the loaded ones
         self.retired: set[str] = set()  # evicted but still held by peft (see _unload_adapter)
         self.lock = threading.RLock()
-        self.last_success: float | None = None  # time.monotonic() of the last batch with no failure
+        self.last_success: float | None = None  # time.monotonic() of the last step with no failure
         self._probe_features: dict[str, np.ndarray] | None = None
+        self.core = GenerationEngine(self.base, tok, max_batch_size=max_batch_size, max_len=max_len)
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.on_step = on_step
+        self.admitted: list[int] = []  # requests prefilled together, per admission (probes not counted)
+        self._queue: collections.deque[tuple[GenRequest, Future, bool]] = collections.deque()
+        self._wake = threading.Condition()
+        self._futures: dict[int, tuple[Future, GenRequest]] = {}  # request id -> its future, while in flight
+        self._pending_batch_size: int | None = None
+        self._thread: threading.Thread | None = None
+        self._adapter: str | None = None  # the running batch's
 
     # Adapters -------------------------------------------------------------------------------------------
     def load_adapter(self, name: str) -> None:
@@ -140,72 +132,103 @@ class Engine:
             self.model.set_adapter(adapter)
             yield
 
-    # Generation -----------------------------------------------------------------------------------------
+    # Scheduling ---------------------------------------------------------------------------------------------
+    def set_max_batch_size(self, n: int) -> None:
+        """Rows decoded together; takes effect when nothing is in flight (the KV cache is sized for it)."""
+        with self._wake:
+            self._pending_batch_size = int(n)
+            self._wake.notify()
+
+    def submit(self, request: GenRequest, probe: bool = False) -> Future:
+        """Queue a request; the future resolves to its GenResult or GenFailure."""
+        future: Future = Future()
+        with self._wake:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="af3dist-scheduler", daemon=True)
+                self._thread.start()
+            self._queue.append((request, future, probe))
+            self._wake.notify()
+        return future
+
     def generate(self, requests: list[GenRequest]) -> list[GenResult | GenFailure]:
-        """One result per request, in order; a request that fails gets a GenFailure, the others their text."""
+        """One result per request, in order; a request that fails gets a GenFailure, the others their text.
+        The requests must share an adapter (they are queued together, so they are prefilled together)."""
         adapters = {r.adapter for r in requests}
         if len(adapters) != 1:
             raise ValueError(f"a batch must not mix adapters, got {sorted(map(str, adapters))}")
-        adapter = adapters.pop()
-        with self.lock:
-            if adapter is not None:
-                self._load_adapter(adapter)
-            with self._using(adapter):
-                results = self._generate(requests)
-        if not any(isinstance(r, GenFailure) for r in results):
-            self.last_success = time.monotonic()
-        return results
-
-    def _generate(self, requests: list[GenRequest]) -> list[GenResult | GenFailure]:
-        results: list[GenResult | GenFailure | None] = [None] * len(requests)
-        greedy = [i for i, r in enumerate(requests) if r.temperature == 0]
-        if greedy:
-            try:
-                for i, res in zip(greedy, self._run([requests[i] for i in greedy])):
-                    results[i] = res
-            except Exception:  # noqa: BLE001 - find the request that fails; the others still get answers
-                log.exception("a batch of %d failed; generating its requests one by one", len(greedy))
-                for i in greedy:
-                    results[i] = self._alone(requests[i])
-        for i, r in enumerate(requests):
-            if r.temperature > 0:
-                results[i] = self._alone(r)
-        return results  # type: ignore[return-value]
-
-    def _alone(self, r: GenRequest) -> GenResult | GenFailure:
-        try:
-            if r.temperature > 0:
-                torch.manual_seed(r.seed if r.seed is not None else int(torch.seed() % 2**31))
-                return self._run([r], r.temperature, r.top_p)[0]
-            return self._run([r])[0]
-        except Exception as err:  # noqa: BLE001 - this request fails, alone
-            log.exception("generation failed for one request")
-            return GenFailure(type(err).__name__)
+        with self._wake:  # queued at once: nobody else's request lands between them
+            futures = [self.submit(r) for r in requests]
+        return [f.result() for f in futures]
 
     def probe(self) -> None:
         """A one-token greedy generation on a second of silence: raises when this replica cannot generate.
-        The base model serves it (no adapter), under the lock like any batch."""
+        The base model serves it (no adapter), queued like any request."""
         if self._probe_features is None:
             self._probe_features = Featurizer(self.processor, PROBE_PROMPT).generation_inputs(
                 np.zeros(16000, np.float32))
-        (result,) = self.generate([GenRequest(self._probe_features, 1)])
+        result = self.submit(GenRequest(self._probe_features, 1), probe=True).result()
         if isinstance(result, GenFailure):
             raise RuntimeError(f"the health probe failed: {result.error}")
 
-    def _run(self, requests: list[GenRequest], temperature: float = 0.0, top_p: float = 1.0) -> list[GenResult]:
-        inputs = collate_prompts([r.features for r in requests], self.pad_token_id)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        if self.base.dtype != torch.float32:
-            inputs["input_features"] = inputs["input_features"].to(self.base.dtype)
-        longest = max(r.max_tokens for r in requests)
-        out = generate_tokens(self.model, inputs, longest, self.eos_token_id, self.pad_token_id,
-                              temperature=temperature, top_p=top_p)
-        results = []
-        for r, (tokens, finished) in zip(requests, out):
-            # Greedy decoding does not depend on the batch's longest budget: cut at this request's own budget
-            # and it has exactly the tokens it would get alone (it stopped if <|im_end|> came within budget).
-            cut = tokens[: r.max_tokens]
-            finish = "stop" if finished and len(tokens) < r.max_tokens else "length"
-            text = self.processor.tokenizer.decode(cut, skip_special_tokens=True).strip()
-            results.append(GenResult(text, cut, finish, int(len(r.features["input_ids"]))))
-        return results
+    def _next_admissions(self) -> tuple[str | None, list[tuple[GenRequest, Future, bool]]]:
+        """Under self._wake: wait for work, then take the queue's head requests that may join the batch now."""
+        while not self._queue and not self.core.rows:
+            self._wake.wait()
+        if not self.core.rows:
+            if self._pending_batch_size is not None:
+                self.core = GenerationEngine(self.base, self.processor.tokenizer,
+                                             max_batch_size=self._pending_batch_size, max_len=self.core.max_len)
+                self._pending_batch_size = None
+            if self.batch_wait_timeout_s > 0 and len(self._queue) < self.core.max_batch_size:
+                # A new batch: give concurrent arrivals a moment to be prefilled together.
+                self._wake.wait_for(lambda: len(self._queue) >= self.core.max_batch_size,
+                                    timeout=self.batch_wait_timeout_s)
+            self._adapter = self._queue[0][0].adapter
+        take = []
+        while self._queue and len(take) < self.core.free_slots and self._queue[0][0].adapter == self._adapter:
+            take.append(self._queue.popleft())
+        return self._adapter, take
+
+    def _run(self) -> None:
+        """The scheduler loop: admit, step, resolve finished requests; forever (a daemon thread)."""
+        while True:
+            with self._wake:
+                adapter, take = self._next_admissions()
+            try:
+                self._step(adapter, take)
+            except Exception as err:  # noqa: BLE001 - never let the loop die: fail what is in flight
+                log.exception("a scheduler step failed; failing the %d requests in flight", len(self._futures))
+                for future in [f for _, f, _ in take] + [f for f, _ in self._futures.values()]:
+                    if not future.done():
+                        future.set_result(GenFailure(type(err).__name__))
+                self._futures.clear()
+                self.core.rows.clear()
+
+    def _step(self, adapter: str | None, take: list[tuple[GenRequest, Future, bool]]) -> None:
+        started = time.monotonic()
+        if self.on_step:
+            self.on_step(started)
+        failed = False
+        try:
+            with self.lock:
+                if adapter is not None:
+                    self._load_adapter(adapter)
+                with self._using(adapter):
+                    outcomes = []
+                    if take:
+                        counted = sum(not probe for _, _, probe in take)
+                        if counted:
+                            self.admitted.append(counted)
+                        for r, future, _ in take:
+                            self._futures[id(future)] = (future, r)
+                        outcomes += self.core.admit([r for r, _, _ in take], [id(f) for _, f, _ in take])
+                    outcomes += self.core.step()
+            for key, outcome in outcomes:
+                failed |= isinstance(outcome, GenFailure)
+                future, _ = self._futures.pop(key)
+                future.set_result(outcome)
+        finally:
+            if self.on_step:
+                self.on_step(None)
+        if not failed:
+            self.last_success = time.monotonic()

@@ -21,9 +21,10 @@ import torch
 import torch.distributed as dist
 
 from af3dist.config import Config
-from af3dist.data.batching import collate, collate_prompts, iter_bucketed
+from af3dist.data.batching import collate, iter_bucketed
 from af3dist.data.features import IGNORE_INDEX, load_processor
-from af3dist.inference import greedy_generate
+from af3dist.generation import GenerationEngine
+from af3dist.inference import captions
 from af3dist.metrics import caption_metrics
 from af3dist.model.loading import load_model, resolve_dtype
 from af3dist.training.deepspeed_config import lora_engine
@@ -142,15 +143,17 @@ class Worker:
 
     @torch.no_grad()
     def caption_scores(self) -> dict:
+        """Greedy captions of this rank's validation clips through the shared generation engine, scored on rank
+        0. The engine (and its KV cache) lives for this evaluation only: training gets the memory back."""
         self.engine.eval()
         predictions: dict[str, str] = {}
+        generation = GenerationEngine(self.engine.module, self.processor.tokenizer,
+                                      max_batch_size=self.tc.micro_batch_size, isolate_failures=False,
+                                      synced_gpus=self.tc.zero_stage == 3 and self.world > 1)
         shard = ray.train.get_dataset_shard("val_clips")
         for rows in iter_bucketed(shard, self.tc.micro_batch_size, 1, seed=0):
-            batch = _to(collate_prompts(rows, self.pad_id), self.device, self.dtype)
-            tokens = greedy_generate(self.engine.module, batch, self.tc.max_new_tokens, self.eos_id, self.pad_id,
-                                     synced_gpus=self.tc.zero_stage == 3 and self.world > 1)
-            for row, t in zip(rows, tokens):
-                predictions[str(row["clip_id"])] = self.processor.tokenizer.decode(t, skip_special_tokens=True)
+            for row, text in zip(rows, captions(generation, rows, self.tc.max_new_tokens)):
+                predictions[str(row["clip_id"])] = text
         gathered: list = [None] * self.world
         dist.all_gather_object(gathered, predictions)
         self.engine.train()
