@@ -32,11 +32,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from af3dist.model.encoder import SoundOnlyEncoder, frames_needed
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # Slot-count buckets the compiled (CUDA graph) decode step is captured for.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# What one more prefill group costs on CPU, in padded prompt tokens (measured with the tiny model: a group's
+# Python and per-op overhead against the per-token work of the encoder and the layers).
+CPU_GROUP_COST = 512
 
 
 @dataclass
@@ -151,6 +156,8 @@ class _Tables:
     sign: torch.Tensor
     cos: torch.Tensor | None
     sin: torch.Tensor | None
+    slot_starts: torch.Tensor  # where each slot's K (or V) starts in a flat cache of head_dim rows
+    head_starts: torch.Tensor  # and each KV head within a slot
 
 
 @dataclass
@@ -194,12 +201,16 @@ class GenerationEngine:
         self.synced_gpus = synced_gpus
         param = next(self.af3.parameters())
         self.device, self.dtype = param.device, param.dtype
+        # A prefill group's fixed cost in padded-token equivalents (see _prefill_groups): on CPU work grows with
+        # tokens, so a few hundred; on an accelerator the budget alone bounds a group.
+        self.group_cost = CPU_GROUP_COST if self.device.type == "cpu" else prefill_tokens
         self.compile_decode = self.device.type == "cuda" if compile_decode is None else compile_decode
         self.kv: KVSlots | None = None
         self.rows: dict[int, _Row] = {}  # slot -> row in flight
         self._compiled: dict[int, Callable] = {}
         self._fused: dict[int, tuple] = {}  # id(layer) -> (weight stamps, fused weights), see _fused_weights
         self._tables: _Tables | None = None
+        self._scalars: dict[float, torch.Tensor] = {}  # see _scalar
         self.zero3 = hasattr(param, "ds_id")  # DeepSpeed ZeRO-3 partitions parameters: only modules see them
         self.steps = 0  # decode steps run (for stats and tests)
 
@@ -293,17 +304,32 @@ class GenerationEngine:
         return done
 
     def _prefill_groups(self, rows: list[_Row]) -> list[list[_Row]]:
-        """Rows sorted by prompt length, cut so that a group's padded tokens stay within `prefill_tokens`
-        (one group with synced_gpus: every rank must run the same forwards)."""
+        """Rows sorted by prompt length, cut into runs that minimise the prefill's cost: each group pays its
+        padded tokens (rows x longest prompt, at most `prefill_tokens`) plus a fixed `group_cost` in tokens
+        (one more pass of Python and kernel launches). A short prompt batched with a long one computes the
+        long one's padding and, in the encoder, frames up to the longest clip, so on CPU, where work is
+        proportional to tokens, splitting where lengths jump is faster; where the fixed cost dominates (CUDA)
+        this keeps one group within the budget. One group with synced_gpus: every rank must run the same
+        forwards. An exact dynamic programme over the sorted rows (optimal cuts of a sorted list are runs)."""
         if self.synced_gpus:
             return [rows] if rows else []
+        rows = sorted(rows, key=lambda r: r.prompt_len)
+        n = len(rows)
+        best = [0.0] + [float("inf")] * n  # best[j]: cheapest cover of rows[:j]
+        cut = [0] * (n + 1)  # cut[j]: where the last group of that cover starts
+        for j in range(1, n + 1):
+            longest = rows[j - 1].prompt_len
+            for i in range(j - 1, -1, -1):
+                if i < j - 1 and (j - i) * longest > self.prefill_tokens:
+                    break
+                cost = best[i] + self.group_cost + (j - i) * longest
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
         groups: list[list[_Row]] = []
-        for row in sorted(rows, key=lambda r: r.prompt_len):
-            if groups and (len(groups[-1]) + 1) * row.prompt_len <= self.prefill_tokens:
-                groups[-1].append(row)
-            else:
-                groups.append([row])
-        return groups
+        while n:
+            groups.append(rows[cut[n]: n])
+            n = cut[n]
+        return groups[::-1]
 
     @torch.no_grad()
     def _prefill(self, rows: list[_Row]) -> None:
@@ -317,9 +343,11 @@ class GenerationEngine:
         embeds = af3.get_input_embeddings()(input_ids)
         feats = [torch.as_tensor(np.asarray(r.request.features["input_features"])) for r in rows]
         if sum(f.shape[0] for f in feats):
-            features = torch.cat(feats).to(self.device, self.dtype)
             mask = torch.cat([torch.as_tensor(np.asarray(r.request.features["input_features_mask"]))
-                              for r in rows]).to(self.device, torch.long)
+                              for r in rows])
+            keep = self._audio_frames(mask)
+            features = torch.cat([f[..., :keep] for f in feats]).to(self.device, self.dtype)
+            mask = mask[..., :keep].to(self.device, torch.long)
             audio = af3.get_audio_features(features, mask, return_dict=True).pooler_output
             where = input_ids == self.audio_token_id
             if int(where.sum()) != audio.shape[0]:
@@ -337,6 +365,14 @@ class GenerationEngine:
         for row, token in zip(rows, self._choose(logits, rows)):
             self.rows[row.slot] = row
             self._append(row, token)
+
+    def _audio_frames(self, mask: torch.Tensor) -> int:
+        """How many leading frames of the windows the audio encoder reads: with a SoundOnlyEncoder only those
+        up to the group's longest clip (it cuts the rest itself, so cutting them before the copy to one batch
+        tensor gives it the very same input and saves copying the padding), else the whole window."""
+        if isinstance(getattr(self.af3.model, "audio_tower", None), SoundOnlyEncoder):
+            return frames_needed(mask)
+        return mask.shape[-1]
 
     # Decoding -------------------------------------------------------------------------------------------------
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
@@ -371,7 +407,8 @@ class GenerationEngine:
         heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         head_dim = self.kv.k[0].shape[-1]
         table = self._decode_tables()
-        hidden = self.af3.get_input_embeddings()(tokens)[:, None]  # (rows, 1, hidden)
+        # (rows, hidden): 2-D activations reach addmm/mm directly (a 3-D input is folded to the same 2-D call).
+        hidden = self.af3.get_input_embeddings()(tokens)
         if table.cos is not None:
             cos, sin = table.cos[positions], table.sin[positions]
         else:  # a position-dependent RoPE variant: ask the module
@@ -382,7 +419,9 @@ class GenerationEngine:
         allowed = None  # one row attending to all of 0..length-1 needs no mask (eager CPU: length = pos + 1)
         if rows > 1 or self.compile_decode:
             allowed = (table.arange[:length][None, :] <= positions[:, None])[:, None, None, :]
-        slots = table.arange[:rows]
+        # Where each row's new K/V go in a cache viewed as (slots * kv_heads * max_len, head_dim): one index_copy_
+        # per cache and layer with an index computed once per step, instead of an index_put over two index tensors.
+        flat = (table.slot_starts[:rows, None] + table.head_starts + positions[:, None]).reshape(-1)
         norm = self._norm
         for i, (layer, fused) in enumerate(zip(lm.layers, self._fused_layers())):
             attn = layer.self_attn
@@ -393,40 +432,55 @@ class GenerationEngine:
                 qk = qk * cos + qk[..., swap] * sin
                 q, k = qk[:, :heads], qk[:, heads:]
             else:
-                q = attn.q_proj(x).view(rows, 1, heads, head_dim).transpose(1, 2)
-                k = attn.k_proj(x).view(rows, 1, kv_heads, head_dim).transpose(1, 2)
-                v = attn.v_proj(x).view(rows, 1, kv_heads, head_dim).transpose(1, 2)
+                q = attn.q_proj(x).view(rows, heads, 1, head_dim)
+                k = attn.k_proj(x).view(rows, kv_heads, 1, head_dim)
+                v = attn.v_proj(x).view(rows, kv_heads, 1, head_dim)
                 q = q * cos + q[..., swap] * sin
                 k = k * cos + k[..., swap] * sin
             cache_k, cache_v = self.kv.k[i], self.kv.v[i]
-            cache_k[slots, :, positions] = k[:, :, 0]
-            cache_v[slots, :, positions] = v[:, :, 0]
+            cache_k.view(-1, head_dim).index_copy_(0, flat, k.reshape(-1, head_dim))
+            cache_v.view(-1, head_dim).index_copy_(0, flat, v.reshape(-1, head_dim))
             # Grouped-query attention of one query per row: the query heads of a KV head side by side.
             out = nn.functional.scaled_dot_product_attention(
                 q.reshape(rows, kv_heads, heads // kv_heads, head_dim), cache_k[:rows, :, :length],
                 cache_v[:rows, :, :length], attn_mask=allowed, scale=attn.scaling)
-            hidden = hidden + attn.o_proj(out.reshape(rows, 1, heads * head_dim))
+            hidden = hidden + attn.o_proj(out.reshape(rows, heads * head_dim))
             x = norm(layer.post_attention_layernorm, hidden)
             if fused is not None:
                 gate, up = nn.functional.linear(x, fused[2]).chunk(2, dim=-1)
                 hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
             else:
                 hidden = hidden + layer.mlp(x)
-        return self.af3.lm_head(norm(lm.norm, hidden)[:, 0])
+        return self.af3.lm_head(norm(lm.norm, hidden))
 
     def _norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Qwen2RMSNorm's arithmetic, op for op, without the module call; the module itself under ZeRO-3
         (its weight is gathered by the module's hooks)."""
         if self.zero3:
             return module(x)
+        if x.dtype == torch.float32 and x.device.type == "cpu":
+            # The same numbers with less work per op: the casts are no-ops, x * x is how pow(2) computes, a CPU
+            # mean is a sum then an in-place division by the count, and float32 0-dim tensors in place of the
+            # Python count and epsilon skip wrapping and converting a scalar in every op (the op casts it to
+            # float32 either way).
+            square = (x * x).sum(-1, keepdim=True).div_(self._scalar(x.shape[-1]))
+            return module.weight * (x * torch.rsqrt(square + self._scalar(module.variance_epsilon)))
         xf = x.to(torch.float32)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
         return module.weight * xf.to(x.dtype)
 
+    def _scalar(self, value: float) -> torch.Tensor:
+        """`value` as a cached float32 0-dim tensor on the CPU (see _norm)."""
+        cached = self._scalars.get(value)
+        if cached is None:
+            cached = self._scalars[value] = torch.tensor(float(value), dtype=torch.float32)
+        return cached
+
     def _decode_tables(self) -> "_Tables":
         """Per-cache constants of the decode step: RoPE cos/sin for every position (the rotary module's own
         numbers: elementwise in the position, so a table lookup gives the same values), the rotate_half
-        permutation and signs, and an arange. Rebuilt when the cache grows."""
+        permutation and signs, an arange, and the offsets of slots and KV heads in a flat cache. Rebuilt when the
+        cache grows."""
         if self._tables is None or self._tables.arange.shape[0] != self.kv.max_len:
             rotary = self.lm.rotary_emb
             head_dim = self.kv.k[0].shape[-1]
@@ -439,7 +493,10 @@ class GenerationEngine:
                 probe = torch.zeros(1, 1, dtype=self.dtype, device=self.device)
                 cos, sin = rotary(probe, arange[None])
                 cos, sin = cos[0], sin[0] * sign
-            self._tables = _Tables(arange, swap, sign, cos, sin)
+            per_head = self.kv.max_len
+            head_starts = torch.arange(self.kv.k[0].shape[1], device=self.device) * per_head
+            slot_starts = torch.arange(self.kv.slots, device=self.device) * (len(head_starts) * per_head)
+            self._tables = _Tables(arange, swap, sign, cos, sin, slot_starts, head_starts)
         return self._tables
 
     def _fused_layers(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
@@ -476,13 +533,15 @@ class GenerationEngine:
         rows_n = max(self.rows) + 1  # slots 0..rows_n-1; free ones among them compute a throwaway token
         if self.compile_decode:
             rows_n = next((b for b in BATCH_BUCKETS if b >= rows_n), rows_n)
-        tokens = torch.full((rows_n,), self.pad_token_id, dtype=torch.long)
-        positions = torch.zeros(rows_n, dtype=torch.long)
+        # Built as lists and made tensors once: per-slot tensor writes cost a dispatch each (most of a step's
+        # bookkeeping at batch 32).
+        tokens, positions = [self.pad_token_id] * rows_n, [0] * rows_n
         for slot, row in self.rows.items():
             tokens[slot] = row.tokens[-1]
             positions[slot] = row.prompt_len + len(row.tokens) - 1
-        length = self.kv.max_len if self.compile_decode else int(positions.max()) + 1
-        logits = self._decode_fn(rows_n)(tokens.to(self.device), positions.to(self.device), length)
+        length = self.kv.max_len if self.compile_decode else max(positions) + 1
+        logits = self._decode_fn(rows_n)(torch.tensor(tokens, device=self.device),
+                                         torch.tensor(positions, device=self.device), length)
         active = sorted(self.rows)
         if len(active) < rows_n:  # free slots among them computed throwaway logits
             logits = logits[torch.tensor(active, device=self.device)]
