@@ -44,8 +44,15 @@ export RAY_AUTH_MODE=token
 export RAY_USAGE_STATS_ENABLED=0
 export AF3DIST_LOCAL_CLUSTER="$DIR"
 
-free_port() {
-  "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+# N distinct free ports: bound together, so that two of them can never be the same port (one at a time, the
+# kernel may hand out a port it just released again: seen as "metrics_export is trying to use a port number
+# ... that is used by other components").
+free_ports() {
+  "$PY" -c 'import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
 }
 
 # pids of the processes that belong to this cluster: every process `ray start` spawns here (GCS, raylets,
@@ -101,15 +108,18 @@ up() {
   local common=(--num-cpus "$CPUS" --object-store-memory $((OBJ_MB * 1024 * 1024)) --temp-dir "$TEMP"
                 --node-ip-address 127.0.0.1 --disable-usage-stats)
   # Each raylet on this host needs its own agent ports; Ray picks the others itself.
+  local client_port agent_port metrics_port
+  read -r client_port agent_port metrics_port <<<"$(free_ports 3)"
   "$RAY" start --head --port "$port" "${common[@]}" --resources '{"af3_head": 1}' \
     --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$dash" \
-    --ray-client-server-port "$(free_port)" --dashboard-agent-listen-port "$(free_port)" \
-    --metrics-export-port "$(free_port)" >"$DIR/head.log" 2>&1 \
+    --ray-client-server-port "$client_port" --dashboard-agent-listen-port "$agent_port" \
+    --metrics-export-port "$metrics_port" >"$DIR/head.log" 2>&1 \
     || { cat "$DIR/head.log" >&2; down; exit 1; }
   local gcs="127.0.0.1:$port"
   for i in $(seq 1 "$n"); do
+    read -r agent_port metrics_port <<<"$(free_ports 2)"
     "$RAY" start --address "$gcs" "${common[@]}" --resources "{\"af3_worker_$i\": 1}" \
-      --dashboard-agent-listen-port "$(free_port)" --metrics-export-port "$(free_port)" \
+      --dashboard-agent-listen-port "$agent_port" --metrics-export-port "$metrics_port" \
       --include-log-monitor false >"$DIR/worker-$i.log" 2>&1 \
       || { cat "$DIR/worker-$i.log" >&2; down; exit 1; }
   done

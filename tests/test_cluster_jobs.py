@@ -39,10 +39,16 @@ QUICK = ["train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2", 
          "train.num_workers=2", "train.cpus_per_worker=1.6"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports, bound together (one at a time, the kernel may hand the same port out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def marked_pids(cluster_dir: str) -> list[int]:
@@ -117,7 +123,7 @@ def _tail(p: subprocess.CompletedProcess, n: int = 4000) -> str:
 def cluster(tmp_path_factory):
     # Ray puts unix sockets under the cluster dir: keep its path short (107-byte limit on socket paths).
     cluster_dir = tempfile.mkdtemp(prefix="af3c-", dir="/tmp")
-    port, dash = free_port(), free_port()
+    port, dash = free_ports(2)
     base = {k: v for k, v in os.environ.items()
             if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS")}
     node_env = {**base, "AF3_CLUSTER_DIR": cluster_dir, "AF3_RAY_PORT": str(port), "AF3_DASHBOARD_PORT": str(dash),
@@ -226,7 +232,7 @@ def test_serve_deploy_answers_a_caption_over_http(cluster, tiny_model_dir, tmp_p
     config = yaml.safe_load((SERVE_CONFIG_CPU if SERVE_CONFIG_CPU.is_file() else SERVE_CONFIG).read_text())
     assert {a["import_path"] for a in config["applications"]} == \
         {a["import_path"] for a in yaml.safe_load(SERVE_CONFIG.read_text())["applications"]}
-    port = free_port()
+    (port,) = free_ports(1)
     config["proxy_location"] = "HeadOnly"
     config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": port}
     (app,) = config["applications"]
