@@ -11,12 +11,13 @@ import pytest
 import ray
 import soundfile as sf
 
+from af3dist.data.batching import window_features
 from af3dist.data.errors import DataQualityError, ErrorLedger
 from af3dist.data.features import IGNORE_INDEX
 from af3dist.data.pipeline import build_dataset
-from af3dist.data.run import run_data_pipeline
+from af3dist.data_check import run_data_pipeline
 from af3dist.data.source import read_references, split_files
-from af3dist.data.synthetic import encode_audio
+from af3dist.embedded.encoding import encode_audio
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -47,9 +48,28 @@ def test_every_training_row_comes_through_model_ready(tiny_config, processor):
         ids, labels = np.asarray(r["input_ids"]), np.asarray(r["labels"])
         target = processor.tokenizer.decode(ids[labels != IGNORE_INDEX])
         assert target == captions[r["id"]].strip() + "<|im_end|>"
-        assert r["input_features"].shape == (r["num_windows"], 128, 3000)
+        assert window_features(r).shape == (r["num_windows"], 128, 3000)
         assert r["num_windows"] == int(np.ceil(r["duration_s"] / 30.0))
     assert max(r["num_windows"] for r in rows) >= 2  # the clip over 30 s
+
+
+def test_windows_come_through_ray_bit_for_bit(tiny_config, processor):
+    """Rows travel with compact windows (sound_features + sound_pad): rebuilt, they are the Featurizer's own."""
+    from af3dist.data.audio import load_waveform
+    from af3dist.data.features import Featurizer
+
+    table = pa.concat_tables([pq.read_table(p) for p in split_files(tiny_config.data.source, "train").paths])
+    audio = dict(zip((str(i) for i in table["audiocap_id"].to_pylist()), table["audio"].to_pylist()))
+    featurizer = Featurizer(processor, tiny_config.data.prompt)
+    rows = build_dataset(tiny_config.data, tiny_config.model.name_or_path, "train").take_all()
+    assert "input_features" not in rows[0]
+    for r in rows[:: max(1, len(rows) // 6)] + [max(rows, key=lambda r: r["num_windows"])]:
+        wave = load_waveform(audio[r["id"]]["bytes"], max_seconds=tiny_config.data.max_audio_seconds,
+                             quality=tiny_config.data.resample_quality)
+        want = featurizer.training_example(wave, r["caption"])
+        assert np.array_equal(window_features(r).view(np.uint32), want["input_features"].view(np.uint32))
+        assert np.array_equal(r["input_features_mask"], want["input_features_mask"])
+        assert np.array_equal(r["input_ids"], want["input_ids"]) and np.array_equal(r["labels"], want["labels"])
 
 
 def test_shuffle_is_deterministic_from_the_seed(tiny_config):

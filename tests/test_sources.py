@@ -28,6 +28,7 @@ import ray
 from huggingface_hub import HfFileSystem
 from huggingface_hub import constants as hf_constants
 
+from af3dist.data.batching import window_features
 from af3dist.data.pipeline import build_dataset
 from af3dist.data.source import AUDIOCAPS_COLUMNS, read_references, split_files
 
@@ -313,7 +314,7 @@ def test_s3_source_end_to_end(tiny_config, s3_source, synthetic_dir):
     assert sorted(r["id"] for r in rows) == sorted(str(r["audiocap_id"]) for r in local)
     captions = {str(r["audiocap_id"]): r["caption"].strip() for r in local}
     assert all(r["caption"] == captions[r["id"]] for r in rows)
-    assert all(r["input_features"].shape == (r["num_windows"], 128, 3000) for r in rows)
+    assert all(window_features(r).shape == (r["num_windows"], 128, 3000) for r in rows)
 
     refs = read_references(s3_source, "validation")
     assert refs == read_references(synthetic_dir, "validation")

@@ -3,12 +3,20 @@
 Rows arrive from Ray Data already featurized. A pool of several batches is sorted by
 (audio windows, tokens) and cut into batches, so each batch holds similar lengths and little padding;
 the batch order inside a pool is shuffled from a seed. The collate then only stacks and pads.
+
+Log-mel windows travel compactly: a 30 s window of a 10 s clip is two thirds one constant (the value the
+extractor gives silence, per window), so `build_dataset` rows carry `sound_features`, the window frames up
+to the last one that differs from that constant, and `sound_pad`, the constant of each window, instead of
+`input_features` (1.5 MB a window through Arrow, the object store and the consumer's copies, most of it
+padding). `collate`, `collate_prompts` and `window_features` rebuild the windows bit for bit; rows made
+elsewhere (`Featurizer` outputs, which carry `input_features`) are taken as they are.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import numpy as np
 import torch
@@ -16,6 +24,83 @@ import torch
 from af3dist.data.features import IGNORE_INDEX
 
 Row = dict[str, np.ndarray]
+# "window": every clip's whole 30 s windows (the processor's layout, what the stock encoder reads);
+# "needed": only the leading frames the padding-free encoder (SoundOnlyEncoder) reads for the batch.
+Frames = Literal["window", "needed"]
+
+
+def compact_windows(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(windows, mels, frames) log-mel windows -> (their leading frames up to the last frame, over all the
+    windows, that is not bit for bit its window's constant tail value; each window's tail value).
+
+    `expand_windows` inverts it exactly (bit for bit: compared as integers, so -0.0, NaN and every other
+    value survive). A window whose last frame is not one value in every mel keeps all its frames."""
+    n_windows, _, n_frames = features.shape
+    if n_windows == 0 or n_frames == 0:
+        return np.ascontiguousarray(features[..., :0]), np.zeros(n_windows, dtype=features.dtype)
+    bits = features.view(f"u{features.dtype.itemsize}")
+    pad_bits = bits[:, 0, -1]
+    differs = (bits != pad_bits[:, None, None]).any(axis=1).any(axis=0)  # per frame, over mels and windows
+    last = np.flatnonzero(differs)
+    keep = int(last[-1]) + 1 if last.size else 0
+    return np.ascontiguousarray(features[..., :keep]), features[:, 0, -1].copy()
+
+
+def expand_windows(sound: np.ndarray, pad: np.ndarray, n_frames: int, out: np.ndarray | None = None) -> np.ndarray:
+    """`compact_windows`' output -> the first `n_frames` frames of the windows it came from, written into
+    `out` ((windows, mels, n_frames)) when given."""
+    n_windows, n_mels, kept = sound.shape
+    if out is None:
+        out = np.empty((n_windows, n_mels, n_frames), dtype=sound.dtype)
+    f = min(kept, n_frames)
+    out[..., :f] = sound[..., :f]
+    if f < n_frames:
+        out[..., f:] = np.asarray(pad, dtype=out.dtype)[:, None, None]
+    return out
+
+
+def window_features(row: Row) -> np.ndarray:
+    """A row's log-mel windows in the processor's layout (windows, mels, frames), from either form."""
+    if "input_features" in row:
+        return np.asarray(row["input_features"])
+    mask = np.asarray(row["input_features_mask"])
+    return expand_windows(np.asarray(row["sound_features"]), row["sound_pad"], mask.shape[-1])
+
+
+def with_window_features(row: Row) -> Row:
+    """The row with `input_features` in the processor's layout (for consumers that read it, such as the
+    generation engine); a row that has it already is returned as is."""
+    if "input_features" in row:
+        return row
+    out = {k: v for k, v in row.items() if k not in ("sound_features", "sound_pad")}
+    out["input_features"] = window_features(row)
+    return out
+
+
+def audio_inputs(rows: list[Row], frames: Frames = "window") -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' windows one after another (input_features, float) and their masks (input_features_mask,
+    int32): whole windows, or with `frames="needed"` the leading frames the padding-free encoder reads
+    (`frames_needed` of the batch's mask), which it computes from exactly the same values."""
+    masks = [np.asarray(r["input_features_mask"]) for r in rows]
+    mask = np.concatenate(masks)
+    n_frames = mask.shape[-1]
+    if frames == "needed":
+        from af3dist.model.encoder import frames_needed  # the model's rule (a lazy import: data workers skip it)
+
+        n_frames = frames_needed(torch.from_numpy(mask))
+    elif frames != "window":
+        raise ValueError(f"frames must be 'window' or 'needed', not {frames!r}")
+    sources = [np.asarray(r["input_features"] if "input_features" in r else r["sound_features"]) for r in rows]
+    features = np.empty((len(mask), sources[0].shape[1], n_frames), dtype=np.result_type(*sources))
+    start = 0
+    for r, m, src in zip(rows, masks, sources):
+        end = start + len(m)
+        if "input_features" in r:
+            features[start:end] = src[..., :n_frames]
+        else:
+            expand_windows(src, r["sound_pad"], n_frames, out=features[start:end])
+        start = end
+    return torch.from_numpy(features), torch.from_numpy(mask[:, :n_frames].astype(np.int32))
 
 
 def rows_of(batch: dict[str, np.ndarray]) -> list[Row]:
@@ -59,20 +144,41 @@ def bucket_batches(pools: Iterable[list[Row]], batch_size: int, seed: int,
         yield from batches
 
 
+def pools_of(batches: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[list[Row]]:
+    """Rows from columnar batches of any sizes, regrouped into pools of exactly `size` rows in stream order
+    (the last one holds the rest): the same pools whatever the block boundaries."""
+    pool: list[Row] = []
+    for batch in batches:
+        rows = rows_of(batch)
+        while rows:
+            take = size - len(pool)
+            pool.extend(rows[:take])
+            rows = rows[take:]
+            if len(pool) == size:
+                yield pool
+                pool = []
+    if pool:
+        yield pool
+
+
 def iter_bucketed(dataset_iter, batch_size: int, pool_batches: int, seed: int, prefetch_batches: int = 2,
                   max_tokens: int | None = None) -> Iterator[list[Row]]:
-    """Batches of rows from a Ray Data DataIterator or Dataset, length-bucketed within pools.
+    """Batches of rows from a Ray Data DataIterator or Dataset, length-bucketed within pools of
+    batch_size x pool_batches rows.
 
-    Pools are fetched whole (one iter_batches batch of batch_size x pool_batches rows): tried, pools that
-    start at one batch and grow brought the first step forward (first delivery 3.8 -> 1.3 s) but the many
-    small fetches cost the tiny trainer a third of its samples/s on 2 cores, and data wait rose to 40%."""
-    pools = (rows_of(b) for b in dataset_iter.iter_batches(
-        batch_size=batch_size * pool_batches, batch_format="numpy", prefetch_batches=prefetch_batches))
-    return bucket_batches(pools, batch_size, seed, max_tokens)
+    Pools are cut from Ray Data's blocks as they come (`iter_batches(batch_size=None)`): the same pools as
+    fetching each one as an iter_batches batch of that size, without Ray concatenating blocks into a new one
+    (a copy of every row's features) and with no more fetches than blocks. Tried: pools that start at one
+    batch and grow, each fetched as batches of batch_size rows, brought the first step forward (first
+    delivery 3.8 -> 1.3 s) but the many small fetches cost the tiny trainer a third of its samples/s on 2
+    cores, and data wait rose to 40%."""
+    blocks = dataset_iter.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches)
+    return bucket_batches(pools_of(blocks, batch_size * pool_batches), batch_size, seed, max_tokens)
 
 
-def collate(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad token sequences; concatenate every clip's 30 s log-mel windows (the processor's layout)."""
+def collate(rows: list[Row], pad_token_id: int, frames: Frames = "window") -> dict[str, torch.Tensor]:
+    """Right-pad token sequences; concatenate every clip's 30 s log-mel windows (the processor's layout), or
+    with `frames="needed"` only their frames that a padding-free encoder reads (`audio_inputs`)."""
     longest = max(len(r["input_ids"]) for r in rows)
     input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
@@ -82,16 +188,15 @@ def collate(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, :n] = torch.from_numpy(np.asarray(r["input_ids"], dtype=np.int64))
         labels[i, :n] = torch.from_numpy(np.asarray(r["labels"], dtype=np.int64))
         attention_mask[i, :n] = 1
-    features = torch.from_numpy(np.concatenate([np.asarray(r["input_features"]) for r in rows]))
-    features_mask = torch.from_numpy(
-        np.concatenate([np.asarray(r["input_features_mask"]) for r in rows]).astype(np.int32))
+    features, features_mask = audio_inputs(rows, frames)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "input_features": features, "input_features_mask": features_mask}
 
 
-def collate_prompts(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_prompts(rows: list[Row], pad_token_id: int, frames: Frames = "window") -> dict[str, torch.Tensor]:
     """Generation inputs: each row's prompt (everything before its labelled caption, or all of input_ids
-    when the row has no labels), LEFT-padded as generation needs, with the rows' audio windows."""
+    when the row has no labels), LEFT-padded as generation needs, with the rows' audio windows (`frames` as
+    in `collate`)."""
     prompts = []
     for r in rows:
         ids = np.asarray(r["input_ids"], dtype=np.int64)
@@ -104,8 +209,6 @@ def collate_prompts(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tenso
     for i, p in enumerate(prompts):
         input_ids[i, longest - len(p):] = torch.from_numpy(p)
         attention_mask[i, longest - len(p):] = 1
-    features = torch.from_numpy(np.concatenate([np.asarray(r["input_features"]) for r in rows]))
-    features_mask = torch.from_numpy(
-        np.concatenate([np.asarray(r["input_features_mask"]) for r in rows]).astype(np.int32))
+    features, features_mask = audio_inputs(rows, frames)
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "input_features": features, "input_features_mask": features_mask}

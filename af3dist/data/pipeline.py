@@ -5,6 +5,8 @@ cluster's CPUs):
   read_row_groups (shards shuffled from a seed) -> decode_rows (decode, downmix, resample, validate)
   -> featurize_rows (log-mel windows, chat template, `<sound>` expansion, labels).
 Rows that cannot become training examples are dropped and reported to an ErrorLedger.
+The log-mel windows travel compactly (`sound_features` + `sound_pad`, see af3dist.data.batching): the
+collate rebuilds them bit for bit.
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ from ray.data import Dataset
 
 from af3dist.config import DataConfig
 from af3dist.data.audio import TARGET_SAMPLING_RATE, ClipError, load_waveform
+from af3dist.data.batching import compact_windows
 from af3dist.data.errors import report_errors
 from af3dist.data.features import Featurizer
 from af3dist.data.source import AUDIOCAPS_COLUMNS, SplitFiles, clip_key, split_files
 
-# Columns a training or evaluation consumer gets from `build_dataset`.
+# Columns a training or evaluation consumer gets from `build_dataset`. The log-mel windows are
+# `sound_features` (their frames up to the last that is not the window's constant padding value) and
+# `sound_pad` (that value, per window): `collate`/`collate_prompts`/`window_features` (af3dist.data.batching)
+# rebuild `input_features` exactly. A 10 s clip's row carries a third of its 1.5 MB window.
 EXAMPLE_COLUMNS = ["id", "clip_id", "caption", "duration_s", "num_tokens", "num_windows",
-                   "input_ids", "labels", "input_features", "input_features_mask"]
+                   "input_ids", "labels", "sound_features", "sound_pad", "input_features_mask"]
+RAGGED_COLUMNS = ("input_ids", "labels", "sound_features", "sound_pad", "input_features_mask")
 
 
 def ragged(items: list[np.ndarray]) -> np.ndarray:
@@ -78,7 +85,7 @@ def decode_rows(batch: dict[str, np.ndarray], *, split: str, max_seconds: float,
 
 def featurize_rows(batch: dict[str, np.ndarray], *, processor: str, prompt: str, split: str,
                    ledger=None) -> dict[str, np.ndarray]:
-    """Waveforms + captions -> input_ids, labels, log-mel windows and masks, one row per clip."""
+    """Waveforms + captions -> input_ids, labels, compact log-mel windows and masks, one row per clip."""
     featurizer = Featurizer.from_pretrained(processor, prompt)
     cols: dict[str, list] = {c: [] for c in EXAMPLE_COLUMNS}
     errors = []
@@ -92,7 +99,10 @@ def featurize_rows(batch: dict[str, np.ndarray], *, processor: str, prompt: str,
             cols[c].append(batch[c][i])
         cols["num_tokens"].append(len(ex["input_ids"]))
         cols["num_windows"].append(ex["input_features"].shape[0])
-        for c in ("input_ids", "labels", "input_features", "input_features_mask"):
+        sound, pad = compact_windows(ex["input_features"])
+        cols["sound_features"].append(sound)
+        cols["sound_pad"].append(pad)
+        for c in ("input_ids", "labels", "input_features_mask"):
             cols[c].append(ex[c])
     if errors:  # these rows were already counted as seen by decode_rows
         report_errors(ledger, 0, errors)
@@ -103,7 +113,7 @@ def featurize_rows(batch: dict[str, np.ndarray], *, processor: str, prompt: str,
         "duration_s": np.array(cols["duration_s"], dtype=np.float32),
         "num_tokens": np.array(cols["num_tokens"], dtype=np.int32),
         "num_windows": np.array(cols["num_windows"], dtype=np.int32),
-        **{c: ragged(cols[c]) for c in ("input_ids", "labels", "input_features", "input_features_mask")},
+        **{c: ragged(cols[c]) for c in RAGGED_COLUMNS},
     }
 
 
