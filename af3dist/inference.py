@@ -13,23 +13,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
 
-from af3dist.data.audio import TARGET_SAMPLING_RATE, load_waveform, read_audio_file, waveform_from_array
+from af3dist.config import DEFAULT_PROMPT
+from af3dist.data.audio import Clip, to_waveform
 from af3dist.data.features import Featurizer, load_processor
 from af3dist.generation import GenerationEngine, GenFailure, GenRequest
 from af3dist.model.loading import load_model, resolve_dtype, resolve_model
 
 log = logging.getLogger(__name__)
-
-# A clip: a path, encoded bytes, a 16 kHz array, or (array, sampling_rate).
-Clip = Union[str, Path, bytes, np.ndarray, tuple]
-
-DEFAULT_PROMPT = "Describe the audio."
-
 
 def unwrap(model):
     """The underlying transformers model of a peft/DeepSpeed wrapper, for generation settings."""
@@ -59,22 +53,11 @@ def generate_tokens(model, inputs: dict[str, torch.Tensor], max_new_tokens: int,
     return result
 
 
-def to_waveform(clip: Clip, sampling_rate: int | None = None, max_seconds: float | None = None) -> np.ndarray:
-    """Any supported clip form -> 16 kHz mono float32 (raises ClipError with a reason when it can't)."""
-    if isinstance(clip, (str, Path)):
-        return load_waveform(read_audio_file(str(clip)), max_seconds=max_seconds)
-    if isinstance(clip, (bytes, bytearray, memoryview)):
-        return load_waveform(bytes(clip), max_seconds=max_seconds)
-    if isinstance(clip, tuple):
-        array, rate = clip
-        return waveform_from_array(array, rate)
-    return waveform_from_array(clip, sampling_rate or TARGET_SAMPLING_RATE)
-
-
 def captions(engine: GenerationEngine, rows: Sequence[dict], max_new_tokens: int) -> list[str]:
-    """Greedy captions of featurized rows (input_ids, input_features, input_features_mask; a row's labelled
-    caption, if any, is left out of its prompt), in order. Raises on the first failure (the engine keeps
-    nothing in flight), for offline callers that retry as they see fit."""
+    """Greedy captions of featurized rows (input_ids, input_features_mask and input_features, or the compact
+    sound_features + sound_pad that build_dataset's rows carry: the engine reads both; a row's labelled
+    caption, if any, is left out of its prompt), in order. Raises on the first failure (the
+    engine keeps nothing in flight), for offline callers that retry as they see fit."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # similar lengths prefill together
     results = engine.generate([GenRequest(rows[i], max_new_tokens) for i in order])
     out = [""] * len(rows)

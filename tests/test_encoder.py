@@ -54,6 +54,22 @@ def test_same_audio_embeddings_as_the_stock_encoder(models, processor, seconds):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_eager_attention_takes_the_same_key_mask(models, processor):
+    """The key-only mask (batch, 1, 1, positions) in its additive form for eager attention: the same
+    embeddings as the stock encoder under sdpa, for clips of different lengths in one batch."""
+    stock, ours = models
+    inputs = _inputs(processor, [1.0, 3.5, 10.0])
+    want, _ = _conv_input_frames(stock, inputs)
+    tower = ours.model.audio_tower
+    implementation = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"
+    try:
+        got, _ = _conv_input_frames(ours, inputs)
+    finally:
+        tower.config._attn_implementation = implementation
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_same_greedy_captions_as_the_stock_encoder(models, processor):
     stock, ours = models
     inputs = _inputs(processor, [1.5, 6.0, 9.9, 4.0])

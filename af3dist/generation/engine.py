@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from af3dist.model.encoder import SoundOnlyEncoder, frames_needed
+from af3dist.data.batching import audio_inputs
+from af3dist.model.encoder import SoundOnlyEncoder
 
 log = logging.getLogger(__name__)
 
@@ -130,34 +131,80 @@ class _PrefillCache:
 
 
 class KVSlots:
-    """Per-layer K and V of shape (slots, kv_heads, max_len, head_dim), allocated once."""
+    """Per layer one tensor of shape (slots, 2 * kv_heads, max_len, head_dim), allocated once: a slot's K heads
+    then its V heads, so that a decode step writes a row's new keys and values (adjacent in the fused q|k|v
+    projection's output) with one copy. `k[i]` and `v[i]` are views of layer i's K and V halves."""
 
     def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):
-        shape = (slots, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.kv_heads = kv_heads
+        self.layers = [torch.zeros((slots, 2 * kv_heads, max_len, head_dim), dtype=dtype, device=device)
+                       for _ in range(layers)]
         self.slots, self.max_len = slots, max_len
+        self._views()
+
+    def _views(self) -> None:
+        self.k = [kv[:, : self.kv_heads] for kv in self.layers]
+        self.v = [kv[:, self.kv_heads:] for kv in self.layers]
 
     def grow(self, max_len: int) -> None:
         """A longer cache holding what this one holds (a request needs more context than it was sized for)."""
-        for cache in (self.k, self.v):
-            for i, old in enumerate(cache):
-                new = old.new_zeros((*old.shape[:2], max_len, old.shape[3]))
-                new[:, :, : old.shape[2]] = old
-                cache[i] = new
+        for i, old in enumerate(self.layers):
+            new = old.new_zeros((*old.shape[:2], max_len, old.shape[3]))
+            new[:, :, : old.shape[2]] = old
+            self.layers[i] = new
         self.max_len = max_len
+        self._views()
 
 
 @dataclass
 class _Tables:
     arange: torch.Tensor
-    swap: torch.Tensor
     sign: torch.Tensor
     cos: torch.Tensor | None
     sin: torch.Tensor | None
-    slot_starts: torch.Tensor  # where each slot's K (or V) starts in a flat cache of head_dim rows
-    head_starts: torch.Tensor  # and each KV head within a slot
+    slot_starts: torch.Tensor  # where each slot starts in a layer's flat cache of head_dim rows
+    head_starts: torch.Tensor  # and each of its K then V heads within the slot
+
+
+@dataclass
+class _LayerPlan:
+    """A decoder layer's weights as plain tensors for the decode step's float32 CPU path (see _make_plans)."""
+
+    ln1: torch.Tensor
+    eps1: torch.Tensor
+    ln2: torch.Tensor
+    eps2: torch.Tensor
+    width: torch.Tensor  # the hidden size, as a 0-dim tensor (see _rms)
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    act: Callable[[torch.Tensor], torch.Tensor]
+    scaling: float
+
+
+@dataclass
+class _TailPlan:
+    """The token embedding, final norm and LM head as tensors (see _make_plans)."""
+
+    embed: torch.Tensor
+    norm: torch.Tensor
+    eps: torch.Tensor
+    width: torch.Tensor
+    head: torch.Tensor
+    head_bias: torch.Tensor | None
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """Qwen2RMSNorm on float32 CPU activations, the same numbers with less work per op: its casts are no-ops,
+    x * x is how pow(2) computes, a CPU mean is a sum then a division by the count, and float32 0-dim tensors
+    in place of the Python count and epsilon skip wrapping and converting a scalar in every op (the op casts
+    it to float32 either way)."""
+    return weight * (x * (x * x).sum(-1, keepdim=True).div_(width).add_(eps).rsqrt_())
 
 
 @dataclass
@@ -208,7 +255,10 @@ class GenerationEngine:
         self.kv: KVSlots | None = None
         self.rows: dict[int, _Row] = {}  # slot -> row in flight
         self._compiled: dict[int, Callable] = {}
-        self._fused: dict[int, tuple] = {}  # id(layer) -> (weight stamps, fused weights), see _fused_weights
+        self._fused: dict[int, tuple] = {}  # id(layer) -> (weight stamps, fused weights), see _make_plans
+        self._plans: tuple[list[_LayerPlan | None], _TailPlan | None] | None = None
+        # (slots, chosen tokens, positions, top position) of the last step, while its rows stay in flight
+        self._carry: tuple[list[int], torch.Tensor, torch.Tensor, int] | None = None
         self._tables: _Tables | None = None
         self._scalars: dict[float, torch.Tensor] = {}  # see _scalar
         self.zero3 = hasattr(param, "ds_id")  # DeepSpeed ZeRO-3 partitions parameters: only modules see them
@@ -282,6 +332,8 @@ class GenerationEngine:
                 continue
             fresh.append(_Row(key, r, next(free), len(ids), generator))
         self._ensure_cache(max((row.prompt_len + row.request.max_tokens for row in fresh), default=0))
+        self._plans = None  # made again at the next step: weights may have changed since the last admission
+        self._carry = None  # the next step's rows differ from the last one's
         for group in self._prefill_groups(fresh):
             try:
                 self._prefill(group)
@@ -341,13 +393,9 @@ class GenerationEngine:
             input_ids[i, : len(seq)] = seq
         input_ids = input_ids.to(self.device)
         embeds = af3.get_input_embeddings()(input_ids)
-        feats = [torch.as_tensor(np.asarray(r.request.features["input_features"])) for r in rows]
-        if sum(f.shape[0] for f in feats):
-            mask = torch.cat([torch.as_tensor(np.asarray(r.request.features["input_features_mask"]))
-                              for r in rows])
-            keep = self._audio_frames(mask)
-            features = torch.cat([f[..., :keep] for f in feats]).to(self.device, self.dtype)
-            mask = mask[..., :keep].to(self.device, torch.long)
+        if sum(len(r.request.features["input_features_mask"]) for r in rows):
+            features, mask = audio_inputs([r.request.features for r in rows], self._frames())
+            features, mask = features.to(self.device, self.dtype), mask.to(self.device, torch.long)
             audio = af3.get_audio_features(features, mask, return_dict=True).pooler_output
             where = input_ids == self.audio_token_id
             if int(where.sum()) != audio.shape[0]:
@@ -362,26 +410,25 @@ class GenerationEngine:
         hidden = self._layers(embeds, positions, mask, _PrefillCache(self.kv, slots))
         last = torch.tensor([len(i) - 1 for i in ids], device=self.device)
         logits = af3.lm_head(hidden[torch.arange(len(rows), device=self.device), last])
-        for row, token in zip(rows, self._choose(logits, rows)):
+        for row, token in zip(rows, self._choose(logits, rows).tolist()):
             self.rows[row.slot] = row
             self._append(row, token)
 
-    def _audio_frames(self, mask: torch.Tensor) -> int:
-        """How many leading frames of the windows the audio encoder reads: with a SoundOnlyEncoder only those
-        up to the group's longest clip (it cuts the rest itself, so cutting them before the copy to one batch
-        tensor gives it the very same input and saves copying the padding), else the whole window."""
-        if isinstance(getattr(self.af3.model, "audio_tower", None), SoundOnlyEncoder):
-            return frames_needed(mask)
-        return mask.shape[-1]
+    def _frames(self) -> str:
+        """Which frames of the windows to copy into the batch (`audio_inputs`): with a SoundOnlyEncoder only
+        those up to the group's longest clip (it cuts the rest itself, so cutting them before the copy gives
+        it the very same input and saves copying the padding), else the whole window. Rows may carry whole
+        windows (`input_features`) or the pipeline's compact form (`sound_features` + `sound_pad`)."""
+        return "needed" if isinstance(getattr(self.af3.model, "audio_tower", None), SoundOnlyEncoder) else "window"
 
     # Decoding -------------------------------------------------------------------------------------------------
-    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """The next token of each row: the argmax on device, or a draw from the row's own generator."""
+    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """The next token of each row, on device: the argmax, or a draw from the row's own generator."""
         chosen = logits.argmax(-1)
         for i, row in enumerate(rows):
             if row.generator is not None:
                 chosen[i] = sample_token(logits[i], row.request.temperature, row.request.top_p, row.generator)
-        return chosen.tolist()  # the one host sync per step: stopping needs the tokens
+        return chosen
 
     def _decode_fn(self, rows: int) -> Callable:
         """The decode step for `rows` slots: eager, or on CUDA compiled once per bucket with CUDA graphs over
@@ -399,59 +446,68 @@ class GenerationEngine:
         The Qwen2 decoder layer's arithmetic, step for step, without its wrappers (attention dispatch, kwargs
         plumbing, cache objects): at one token per row the model's own FLOPs are few and that Python was most
         of a step. Every module that owns weights (norms, projections, LoRA in them) is still called as a
-        module, so adapters and parameter-gathering hooks work as in `forward`; the tests hold the tokens equal
-        to `generate`'s."""
+        module, so adapters and parameter-gathering hooks work as in `forward`, except where `_plans` found a
+        layer of plain float32 CPU weights (see there); the tests hold the tokens equal to `generate`'s."""
         lm = self.lm
         cfg = lm.config
         rows = tokens.shape[0]
         heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        head_dim = self.kv.k[0].shape[-1]
+        head_dim = self.kv.layers[0].shape[-1]
+        half = head_dim // 2
         table = self._decode_tables()
+        plans, tail = self._plans or self._make_plans()
         # (rows, hidden): 2-D activations reach addmm/mm directly (a 3-D input is folded to the same 2-D call).
-        hidden = self.af3.get_input_embeddings()(tokens)
+        if tail is not None:
+            hidden = nn.functional.embedding(tokens, tail.embed)
+        else:
+            hidden = self.af3.get_input_embeddings()(tokens)
         if table.cos is not None:
-            cos, sin = table.cos[positions], table.sin[positions]
+            cos, sin = table.cos.index_select(0, positions), table.sin.index_select(0, positions)
         else:  # a position-dependent RoPE variant: ask the module
             cos, sin = lm.rotary_emb(hidden, positions[:, None])
             cos, sin = cos[:, 0], sin[:, 0] * table.sign
-        cos, sin = cos[:, None, None], sin[:, None, None]  # (rows, 1, 1, head_dim): broadcast over heads
-        swap = table.swap
+        cos, sin = cos[:, None], sin[:, None]  # (rows, 1, head_dim): broadcast over heads
         allowed = None  # one row attending to all of 0..length-1 needs no mask (eager CPU: length = pos + 1)
         if rows > 1 or self.compile_decode:
             allowed = (table.arange[:length][None, :] <= positions[:, None])[:, None, None, :]
-        # Where each row's new K/V go in a cache viewed as (slots * kv_heads * max_len, head_dim): one index_copy_
-        # per cache and layer with an index computed once per step, instead of an index_put over two index tensors.
+        # Where each row's new K and V heads go in a layer's cache viewed as (slots * 2 kv_heads * max_len,
+        # head_dim): one index_copy_ per layer with an index computed once per step.
         flat = (table.slot_starts[:rows, None] + table.head_starts + positions[:, None]).reshape(-1)
-        norm = self._norm
-        for i, (layer, fused) in enumerate(zip(lm.layers, self._fused_layers())):
-            attn = layer.self_attn
-            x = norm(layer.input_layernorm, hidden)
-            if fused is not None:  # one matmul for q, k and v (same numbers as three, see _fused_weights)
-                qkv = nn.functional.linear(x, fused[0], fused[1]).view(rows, heads + 2 * kv_heads, head_dim)
-                qk, v = qkv[:, : heads + kv_heads, None], qkv[:, heads + kv_heads:, None]
-                qk = qk * cos + qk[..., swap] * sin
-                q, k = qk[:, :heads], qk[:, heads:]
-            else:
-                q = attn.q_proj(x).view(rows, heads, 1, head_dim)
-                k = attn.k_proj(x).view(rows, kv_heads, 1, head_dim)
-                v = attn.v_proj(x).view(rows, kv_heads, 1, head_dim)
-                q = q * cos + q[..., swap] * sin
-                k = k * cos + k[..., swap] * sin
-            cache_k, cache_v = self.kv.k[i], self.kv.v[i]
-            cache_k.view(-1, head_dim).index_copy_(0, flat, k.reshape(-1, head_dim))
-            cache_v.view(-1, head_dim).index_copy_(0, flat, v.reshape(-1, head_dim))
+
+        def attend(q: torch.Tensor, cache: torch.Tensor, scaling: float) -> torch.Tensor:
             # Grouped-query attention of one query per row: the query heads of a KV head side by side.
             out = nn.functional.scaled_dot_product_attention(
-                q.reshape(rows, kv_heads, heads // kv_heads, head_dim), cache_k[:rows, :, :length],
-                cache_v[:rows, :, :length], attn_mask=allowed, scale=attn.scaling)
-            hidden = hidden + attn.o_proj(out.reshape(rows, heads * head_dim))
-            x = norm(layer.post_attention_layernorm, hidden)
-            if fused is not None:
-                gate, up = nn.functional.linear(x, fused[2]).chunk(2, dim=-1)
-                hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-            else:
-                hidden = hidden + layer.mlp(x)
-        return self.af3.lm_head(norm(lm.norm, hidden))
+                q.reshape(rows, kv_heads, heads // kv_heads, head_dim), cache[:rows, :kv_heads, :length],
+                cache[:rows, kv_heads:, :length], attn_mask=allowed, scale=scaling)
+            return out.reshape(rows, heads * head_dim)
+
+        for layer, plan, cache in zip(lm.layers, plans, self.kv.layers):
+            if plan is not None:  # plain float32 CPU weights: the same ops on tensors, fewer of them
+                x = _rms(hidden, plan.ln1, plan.eps1, plan.width)
+                qkv = nn.functional.linear(x, plan.qkv, plan.qkv_bias).view(rows, heads + 2 * kv_heads, head_dim)
+                qk = qkv[:, : heads + kv_heads]  # RoPE in place: q * cos + rotate_half(q) * sin
+                rotated = qk.roll(half, -1).mul_(sin)
+                qk.mul_(cos).add_(rotated)
+                cache.view(-1, head_dim).index_copy_(0, flat, qkv[:, heads:].reshape(-1, head_dim))
+                hidden = hidden + nn.functional.linear(attend(qkv[:, :heads], cache, plan.scaling), plan.o,
+                                                       plan.o_bias)
+                gate, up = nn.functional.linear(_rms(hidden, plan.ln2, plan.eps2, plan.width),
+                                                plan.gate_up).chunk(2, dim=-1)
+                hidden = hidden + nn.functional.linear(plan.act(gate) * up, plan.down, plan.down_bias)
+                continue
+            attn = layer.self_attn
+            x = self._norm(layer.input_layernorm, hidden)
+            q = attn.q_proj(x).view(rows, heads, head_dim)
+            k = attn.k_proj(x).view(rows, kv_heads, head_dim)
+            v = attn.v_proj(x).view(rows, kv_heads, head_dim)
+            q = q * cos + q.roll(half, -1) * sin
+            k = k * cos + k.roll(half, -1) * sin
+            cache.view(-1, head_dim).index_copy_(0, flat, torch.cat((k, v), 1).reshape(-1, head_dim))
+            hidden = hidden + attn.o_proj(attend(q, cache, attn.scaling))
+            hidden = hidden + layer.mlp(self._norm(layer.post_attention_layernorm, hidden))
+        if tail is not None:
+            return nn.functional.linear(_rms(hidden, tail.norm, tail.eps, tail.width), tail.head, tail.head_bias)
+        return self.af3.lm_head(self._norm(lm.norm, hidden))
 
     def _norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Qwen2RMSNorm's arithmetic, op for op, without the module call; the module itself under ZeRO-3
@@ -459,18 +515,13 @@ class GenerationEngine:
         if self.zero3:
             return module(x)
         if x.dtype == torch.float32 and x.device.type == "cpu":
-            # The same numbers with less work per op: the casts are no-ops, x * x is how pow(2) computes, a CPU
-            # mean is a sum then an in-place division by the count, and float32 0-dim tensors in place of the
-            # Python count and epsilon skip wrapping and converting a scalar in every op (the op casts it to
-            # float32 either way).
-            square = (x * x).sum(-1, keepdim=True).div_(self._scalar(x.shape[-1]))
-            return module.weight * (x * torch.rsqrt(square + self._scalar(module.variance_epsilon)))
+            return _rms(x, module.weight, self._scalar(module.variance_epsilon), self._scalar(x.shape[-1]))
         xf = x.to(torch.float32)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
         return module.weight * xf.to(x.dtype)
 
     def _scalar(self, value: float) -> torch.Tensor:
-        """`value` as a cached float32 0-dim tensor on the CPU (see _norm)."""
+        """`value` as a cached float32 0-dim tensor on the CPU (see _rms)."""
         cached = self._scalars.get(value)
         if cached is None:
             cached = self._scalars[value] = torch.tensor(float(value), dtype=torch.float32)
@@ -478,15 +529,14 @@ class GenerationEngine:
 
     def _decode_tables(self) -> "_Tables":
         """Per-cache constants of the decode step: RoPE cos/sin for every position (the rotary module's own
-        numbers: elementwise in the position, so a table lookup gives the same values), the rotate_half
-        permutation and signs, an arange, and the offsets of slots and KV heads in a flat cache. Rebuilt when the
-        cache grows."""
+        numbers: elementwise in the position, so a table lookup gives the same values; sin carries
+        rotate_half's signs), an arange, and the offsets of slots and K/V heads in a flat cache. Rebuilt when
+        the cache grows."""
         if self._tables is None or self._tables.arange.shape[0] != self.kv.max_len:
             rotary = self.lm.rotary_emb
-            head_dim = self.kv.k[0].shape[-1]
+            head_dim = self.kv.layers[0].shape[-1]
             half = head_dim // 2
             arange = torch.arange(self.kv.max_len, device=self.device)
-            swap = torch.cat((arange[half:head_dim], arange[:half]))
             sign = torch.cat((-torch.ones(half), torch.ones(half))).to(self.device, self.dtype)
             cos = sin = None
             if getattr(rotary, "rope_type", "default") == "default":
@@ -494,34 +544,55 @@ class GenerationEngine:
                 cos, sin = rotary(probe, arange[None])
                 cos, sin = cos[0], sin[0] * sign
             per_head = self.kv.max_len
-            head_starts = torch.arange(self.kv.k[0].shape[1], device=self.device) * per_head
+            head_starts = torch.arange(self.kv.layers[0].shape[1], device=self.device) * per_head
             slot_starts = torch.arange(self.kv.slots, device=self.device) * (len(head_starts) * per_head)
-            self._tables = _Tables(arange, swap, sign, cos, sin, slot_starts, head_starts)
+            self._tables = _Tables(arange, sign, cos, sin, slot_starts, head_starts)
         return self._tables
 
-    def _fused_layers(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
-        """_fused_weights for every layer (None where a layer cannot be fused)."""
-        return [self._fused_weights(layer) for layer in self.lm.layers]
-
-    def _fused_weights(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """On CPU, for a layer whose projections are plain Linear (no LoRA in them): q|k|v and gate|up weights
-        concatenated, so that each is one matmul. At one token per row a CPU step is mostly per-op overhead;
-        a matmul over concatenated weights computes every output from the same dot product, so the numbers
-        are the same (tests/test_generation.py holds tokens equal to `generate`). Not on accelerators: the
-        copies would cost memory, and CUDA graphs remove the overhead instead. Rebuilt when a weight changes."""
-        if self.device.type != "cpu" or self.zero3:
-            return None
-        attn, mlp = layer.self_attn, layer.mlp
-        parts = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
-        if any(type(m) is not nn.Linear for m in parts) or any(m.bias is None for m in parts[:3]):
-            return None
-        stamp = tuple((id(m), m.weight._version) for m in parts)
-        cached = self._fused.get(id(layer))
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, (torch.cat([m.weight for m in parts[:3]]), torch.cat([m.bias for m in parts[:3]]),
-                              torch.cat([m.weight for m in parts[3:]])))
-            self._fused[id(layer)] = cached
-        return cached[1]
+    def _make_plans(self) -> tuple[list["_LayerPlan | None"], "_TailPlan | None"]:
+        """On CPU in float32, for every layer whose projections are plain Linear (no LoRA in them) and whose
+        norms are RMSNorms: its weights as tensors, q|k|v and gate|up concatenated so that each is one matmul,
+        so that the decode step calls tensor ops instead of modules. At one token per row a CPU step is
+        mostly per-op and per-call overhead; a matmul over concatenated weights computes every output from the
+        same dot product, so the numbers are the same (tests/test_generation.py holds tokens equal to
+        `generate`). Not on accelerators (the copies would cost memory, and CUDA graphs remove the overhead
+        instead) nor under ZeRO-3. Made again at every admission (weights may have changed in between: an
+        adapter loaded, a checkpoint restored), never inside a step loop."""
+        layers = self.lm.layers
+        if self.device.type != "cpu" or self.zero3 or self.dtype != torch.float32:
+            self._plans = ([None] * len(layers), None)
+            return self._plans
+        plans = []
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            parts = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
+            if (any(type(m) is not nn.Linear for m in (*parts, attn.o_proj, mlp.down_proj))
+                    or any(m.bias is None for m in parts[:3]) or any(m.bias is not None for m in parts[3:])
+                    or not all(hasattr(n, "variance_epsilon")
+                               for n in (layer.input_layernorm, layer.post_attention_layernorm))):
+                plans.append(None)
+                continue
+            key = tuple((id(t), t._version) for m in parts for t in (m.weight, m.bias) if t is not None)
+            cached = self._fused.get(id(layer))
+            if cached is None or cached[0] != key:
+                cached = (key, (torch.cat([m.weight for m in parts[:3]]), torch.cat([m.bias for m in parts[:3]]),
+                                torch.cat([m.weight for m in parts[3:]])))
+                self._fused[id(layer)] = cached
+            qkv, qkv_bias, gate_up = cached[1]
+            act = nn.functional.silu if type(mlp.act_fn) is nn.SiLU else mlp.act_fn
+            plans.append(_LayerPlan(
+                layer.input_layernorm.weight, self._scalar(layer.input_layernorm.variance_epsilon),
+                layer.post_attention_layernorm.weight, self._scalar(layer.post_attention_layernorm.variance_epsilon),
+                self._scalar(self.lm.config.hidden_size), qkv, qkv_bias, attn.o_proj.weight, attn.o_proj.bias,
+                gate_up, mlp.down_proj.weight, mlp.down_proj.bias, act, attn.scaling))
+        tail = None
+        head, embed, norm = self.af3.lm_head, self.af3.get_input_embeddings(), self.lm.norm
+        if type(head) is nn.Linear and type(embed) is nn.Embedding and hasattr(norm, "variance_epsilon") \
+                and embed.max_norm is None:
+            tail = _TailPlan(embed.weight, norm.weight, self._scalar(norm.variance_epsilon),
+                             self._scalar(self.lm.config.hidden_size), head.weight, head.bias)
+        self._plans = (plans, tail)
+        return self._plans
 
     @torch.no_grad()
     def step(self) -> list[tuple[Any, GenResult]]:
@@ -533,20 +604,28 @@ class GenerationEngine:
         rows_n = max(self.rows) + 1  # slots 0..rows_n-1; free ones among them compute a throwaway token
         if self.compile_decode:
             rows_n = next((b for b in BATCH_BUCKETS if b >= rows_n), rows_n)
-        # Built as lists and made tensors once: per-slot tensor writes cost a dispatch each (most of a step's
-        # bookkeeping at batch 32).
-        tokens, positions = [self.pad_token_id] * rows_n, [0] * rows_n
-        for slot, row in self.rows.items():
-            tokens[slot] = row.tokens[-1]
-            positions[slot] = row.prompt_len + len(row.tokens) - 1
-        length = self.kv.max_len if self.compile_decode else max(positions) + 1
-        logits = self._decode_fn(rows_n)(torch.tensor(tokens, device=self.device),
-                                         torch.tensor(positions, device=self.device), length)
         active = sorted(self.rows)
+        if self._carry is not None and self._carry[0] == active:
+            # The same rows as the last step, each one token further: its chosen tokens are this step's input.
+            _, tokens, positions, top = self._carry
+            positions, top = positions + 1, top + 1
+        else:
+            # Built as lists and made tensors once: per-slot tensor writes cost a dispatch each (most of a
+            # step's bookkeeping at batch 32).
+            token_list, position_list = [self.pad_token_id] * rows_n, [0] * rows_n
+            for slot, row in self.rows.items():
+                token_list[slot] = row.tokens[-1]
+                position_list[slot] = row.prompt_len + len(row.tokens) - 1
+            top = max(position_list)
+            tokens = torch.tensor(token_list, device=self.device)
+            positions = torch.tensor(position_list, device=self.device)
+        length = self.kv.max_len if self.compile_decode else top + 1
+        logits = self._decode_fn(rows_n)(tokens, positions, length)
         if len(active) < rows_n:  # free slots among them computed throwaway logits
             logits = logits[torch.tensor(active, device=self.device)]
         chosen = self._choose(logits, [self.rows[s] for s in active])
-        for slot, token in zip(active, chosen):
+        self._carry = (active, chosen, positions, top) if len(active) == rows_n else None
+        for slot, token in zip(active, chosen.tolist()):  # the one host sync per step: stopping needs the tokens
             self._append(self.rows[slot], token)
         self.steps += 1
         return self._collect()
@@ -581,6 +660,7 @@ class GenerationEngine:
             if row.finish is None:
                 continue
             del self.rows[slot]  # the slot is free for the next admission
+            self._carry = None
             text = row.text if row.text is not None else self._text(row.tokens)
             if row.request.on_text is not None and len(text) > len(row.sent):
                 row.request.on_text(text[len(row.sent):])

@@ -50,8 +50,7 @@ class SoundOnlyEncoder(AudioFlamingo3Encoder):
         inputs_embeds = nn.functional.gelu(self.conv2(inputs_embeds)).permute(0, 2, 1)
         hidden_states = inputs_embeds + self.embed_positions.weight[:seq_len]
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
-        attention_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states,
-                                                   attention_mask=attention_mask)
+        attention_mask = self._key_mask(hidden_states, attention_mask)
         for layer in self.layers:
             if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
                 continue
@@ -59,6 +58,24 @@ class SoundOnlyEncoder(AudioFlamingo3Encoder):
 
         hidden_states = self.avg_pooler(hidden_states.permute(0, 2, 1)).permute(0, 2, 1)
         return BaseModelOutputWithPooling(last_hidden_state=self.layer_norm(hidden_states))
+
+    def _key_mask(self, hidden_states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask for `valid` (batch, positions) keys. A padded position is masked as a key only
+        (bidirectional attention: every query sees every valid key), so for sdpa and eager attention a
+        (batch, 1, 1, positions) mask that broadcasts over queries gives the same numbers as the
+        (batch, 1, positions, positions) one `create_bidirectional_mask` builds, which each attention call
+        then converted to an additive mask: most of a short clip's encoder time on CPU. None when no key
+        is padded (the same as an all-true mask)."""
+        implementation = self.config._attn_implementation
+        if implementation not in ("sdpa", "eager"):
+            return create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=valid)
+        if bool(valid.all()):
+            return None
+        keys = valid[:, None, None, :]
+        if implementation == "sdpa":
+            return keys
+        return torch.zeros(keys.shape, dtype=hidden_states.dtype, device=keys.device).masked_fill(
+            ~keys, torch.finfo(hidden_states.dtype).min)
 
 
 def skip_audio_padding(model: nn.Module) -> nn.Module:
