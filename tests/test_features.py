@@ -105,3 +105,51 @@ def test_fast_feature_extractor_matches_the_stock_one(processor, tiny_model_dir)
         assert got["input_ids"].tolist() == want["input_ids"].tolist()
         assert got["input_features_mask"].tolist() == want["input_features_mask"].tolist()
         np.testing.assert_allclose(got["input_features"].numpy(), want["input_features"].numpy(), rtol=0, atol=1e-6)
+
+
+def test_single_turn_rendering_is_the_processors_own(featurizer, processor):
+    """Training and single-clip generation go through the conversation renderer and must give exactly the ids
+    the processor gives the single-turn chat text (what they always were)."""
+    from af3dist.data.features import conversation
+
+    wave = np.random.default_rng(1).standard_normal(16000 * 4).astype(np.float32) * 0.1
+    for caption in ("A dog barks twice.", None):
+        text = processor.apply_chat_template(conversation("Describe the audio.", caption), tokenize=False,
+                                             add_generation_prompt=caption is None)
+        want = processor(text=[text], audio=[wave])["input_ids"][0].tolist()
+        got = (featurizer.training_example(wave, caption) if caption else featurizer.generation_inputs(wave))
+        assert got["input_ids"].tolist() == want
+    assert featurizer.render() == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                                   "<sound>Describe the audio.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_conversation_with_several_clips_renders_every_turn(featurizer, processor):
+    from af3dist.data.features import Turn
+
+    rng = np.random.default_rng(2)
+    a, b = (rng.standard_normal(int(16000 * s)).astype(np.float32) * 0.1 for s in (3.0, 35.0))
+    turns = [Turn("system", "Answer briefly."), Turn("user", "What is this?", 1), Turn("assistant", "A hum."),
+             Turn("user", "And this one?", 1)]
+    out = featurizer.conversation_inputs(turns, [a, b])
+    text = processor.tokenizer.decode(out["input_ids"])
+    sound = processor.audio_token
+    assert text.replace(sound, "") == processor.apply_chat_template(
+        [{"role": "system", "content": "Answer briefly."},
+         {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What is this?"}]},
+         {"role": "assistant", "content": "A hum."},
+         {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "And this one?"}]}],
+        tokenize=False, add_generation_prompt=True).replace(sound, "")
+    alone = [featurizer.generation_inputs(w) for w in (a, b)]
+    runs = [int((x["input_ids"] == processor.audio_token_id).sum()) for x in alone]
+    assert text.count(sound) == sum(runs) and sound * runs[0] + "What" in text and sound * runs[1] + "And" in text
+    np.testing.assert_array_equal(out["input_features"], np.concatenate([x["input_features"] for x in alone]))
+    np.testing.assert_array_equal(out["input_features_mask"],
+                                  np.concatenate([x["input_features_mask"] for x in alone]))
+    # Two clips in one message: their runs follow each other, whether the template writes one <sound> or two.
+    both = featurizer.conversation_inputs([Turn("user", "Compare them.", 2)], [a, b])
+    assert sound * sum(runs) + "Compare" in processor.tokenizer.decode(both["input_ids"])
+    # The expansion used for several clips is the processor's own for one.
+    assert featurizer._expanded(featurizer.render(), [a], [1])["input_ids"].tolist() == \
+        featurizer.generation_inputs(a)["input_ids"].tolist()
+    with pytest.raises(ValueError):
+        featurizer.conversation_inputs(turns, [a])

@@ -8,7 +8,8 @@ import torch
 
 from af3dist.data.batching import collate_prompts
 from af3dist.data.features import Featurizer
-from af3dist.data.synthetic import encode_audio, generate_clip
+from af3dist.embedded.encoding import encode_audio
+from af3dist.embedded.sounds import generate_clip
 from af3dist.generation import GenerationEngine, GenFailure, GenRequest, GenResult
 from af3dist.inference import Captioner, generate_tokens
 from af3dist.model.loading import load_model
@@ -57,6 +58,27 @@ def test_greedy_equals_generate_for_every_row(tiny_model_dir, processor, adapter
     wide = GenerationEngine(model, processor.tokenizer, max_batch_size=8)
     assert [g.token_ids for g in wide.generate([GenRequest(r, m) for r, m in zip(rows, BUDGETS)])] == [
         t for t, _ in want]
+
+
+def test_conversations_with_several_clips_equal_generate(tiny_model_dir, processor, rows):
+    """Whole conversations (system prompt, earlier turns, replies) and several clips per request: the engine's
+    tokens are `model.generate`'s on the same rendered input, batched with a single-clip row."""
+    from af3dist.data.audio import load_waveform
+    from af3dist.data.features import Turn
+
+    model = load_model(tiny_model_dir).eval()
+    featurizer = Featurizer(processor, PROMPT)
+    a, b = (load_waveform(c) for c in make_clips()[1:3])
+    chats = [featurizer.conversation_inputs([Turn("system", "Answer briefly."), Turn("user", PROMPT, 1),
+                                             Turn("assistant", "a noise"), Turn("user", "Is it loud?")], [a]),
+             featurizer.conversation_inputs([Turn("user", "Compare the two.", 2)], [a, b]),
+             featurizer.conversation_inputs([Turn("user", PROMPT, 1), Turn("assistant", "beeps"),
+                                             Turn("user", "And now?", 1)], [b, a])]
+    want = [reference(model, processor, r, 12) for r in chats]
+    engine = GenerationEngine(model, processor.tokenizer, max_batch_size=4)
+    got = engine.generate([GenRequest(r, 12) for r in [*chats, rows[0]]])
+    assert [(g.token_ids, g.finish_reason) for g in got[:3]] == want
+    assert got[3].token_ids == reference(model, processor, rows[0], 12)[0]
 
 
 def test_a_row_joining_mid_flight_equals_it_alone(tiny_model_dir, processor, rows):

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import requests
 
-from af3dist.data.synthetic import encode_audio, generate_clip
+from af3dist.embedded.encoding import encode_audio
+from af3dist.embedded.sounds import generate_clip
 from af3dist.inference import Captioner
 from test_serve_engine import make_adapter, make_clips
 
@@ -150,8 +151,8 @@ def _bad_requests(url: str) -> list[tuple[str, requests.Response, int, str | Non
     return [
         ("invalid json", post(b"{not json"), 400, "invalid_json"),
         ("no audio", chat(url, {"messages": [{"role": "user", "content": "hello"}]}), 400, "audio_count"),
-        ("two audio parts", chat(url, {"messages": [{"role": "user", "content": [
-            audio_part(clip, "wav"), audio_part(clip, "wav")]}]}), 400, "audio_count"),
+        ("five audio parts", chat(url, {"messages": [{"role": "user", "content": [
+            audio_part(clip, "wav")] * 5}]}), 400, "audio_count"),
         ("bad base64", chat(url, {"messages": [{"role": "user", "content": [
             {"type": "input_audio", "input_audio": {"data": "@@@", "format": "wav"}}]}]}), 400, "invalid_base64"),
         ("not audio", chat(url, good_body(b"this is plain text, not audio" * 10, "wav")), 400, None),
@@ -188,6 +189,79 @@ def test_every_bad_request_gets_a_clear_4xx_and_the_service_goes_on(served, refe
             assert error["code"] == code, (name, error)
     ok = chat(served["url"], good_body(make_clips()[0], "flac"))
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == reference[0]
+
+
+def _generate_reference(model, featurizer, turns, clips: list[bytes]) -> tuple[str, list[int], int]:
+    """(text, tokens, prompt tokens) that `model.generate` gives the conversation rendered by the featurizer."""
+    from af3dist.data.audio import load_waveform
+    from af3dist.data.batching import collate_prompts
+    from af3dist.inference import generate_tokens
+
+    tok = featurizer.tokenizer
+    row = featurizer.conversation_inputs(turns, [load_waveform(c) for c in clips])
+    tokens, _ = generate_tokens(model, collate_prompts([row], tok.pad_token_id), MAX_TOKENS,
+                                featurizer.eos_token_id, tok.pad_token_id)[0]
+    return tok.decode(tokens, skip_special_tokens=True).strip(), tokens, len(row["input_ids"])
+
+
+def test_whole_conversations_and_several_clips_get_generates_tokens(served):
+    """A follow-up question keeps its context (system prompt, the earlier turn and its clip, the reply) and a
+    request may carry several clips: each answer is token for token `model.generate`'s on the rendered input."""
+    from af3dist.data.features import Featurizer, Turn, load_processor
+    from af3dist.model.loading import load_model
+
+    model = load_model(served["model"]).eval()
+    featurizer = Featurizer(load_processor(served["model"]), "Describe the audio.")
+    a, b = make_clips()[1], make_clips()[3]
+    cases = [
+        ({"messages": [{"role": "system", "content": "Answer in a few words."},
+                       {"role": "user", "content": [audio_part(a, "wav"), {"type": "text", "text": "What is it?"}]},
+                       {"role": "assistant", "content": "white noise"},
+                       {"role": "user", "content": "Is it loud?"}]},
+         [Turn("system", "Answer in a few words."), Turn("user", "What is it?", 1), Turn("assistant", "white noise"),
+          Turn("user", "Is it loud?")], [a]),
+        ({"messages": [{"role": "user", "content": [audio_part(a, "wav"), audio_part(b, "ogg"),
+                                                    {"type": "text", "text": "Compare the two."}]}]},
+         [Turn("user", "Compare the two.", 2)], [a, b]),
+        ({"messages": [{"role": "user", "content": [audio_part(b, "ogg")]}, {"role": "assistant", "content": "clicks"},
+                       {"role": "user", "content": [{"type": "text", "text": "And this?"}, audio_part(a, "wav")]}]},
+         [Turn("user", "", 1), Turn("assistant", "clicks"), Turn("user", "And this?", 1)], [b, a]),
+    ]
+    for body, turns, clips in cases:
+        text, tokens, prompt_tokens = _generate_reference(model, featurizer, turns, clips)
+        r = chat(served["url"], {"model": "tiny-af3", **body})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["choices"][0]["message"]["content"] == text
+        assert answer["usage"]["completion_tokens"] == len(tokens)
+        assert answer["usage"]["prompt_tokens"] == prompt_tokens  # the whole conversation, every clip included
+
+
+def _streamed(url: str, body: dict) -> tuple[str, str | None]:
+    """The concatenated text and the finish_reason of a streamed chat completion."""
+    r = requests.post(f"{url}/v1/chat/completions", headers=HEADERS, stream=True, timeout=120,
+                      json={**body, "stream": True})
+    assert r.status_code == 200, r.text
+    pieces, finish = [], None
+    for line in r.iter_lines(decode_unicode=True):
+        if line and line != "data: [DONE]":
+            choice = json.loads(line[6:])["choices"][0]
+            pieces.append(choice["delta"].get("content") or "")
+            finish = choice["finish_reason"] or finish
+    return "".join(pieces), finish
+
+
+def test_stop_strings_cut_the_answer_streamed_or_not(served, reference):
+    i = next(i for i, text in enumerate(reference) if len(text.split()) >= 2)
+    full = reference[i]
+    stop = full.split()[1][:2]
+    want = full[: full.find(stop)].rstrip()
+    for stops in (stop, ["zzzq", stop]):
+        body = good_body(make_clips()[i], FORMATS[i], stop=stops)
+        plain = chat(served["url"], body).json()["choices"][0]
+        assert (plain["message"]["content"], plain["finish_reason"]) == (want, "stop")
+        assert _streamed(served["url"], body) == (want, "stop")
+    assert _streamed(served["url"], good_body(make_clips()[i], FORMATS[i], stop="zzzq"))[0] == full
 
 
 def test_multipart_captions_for_curl_users(served, reference):

@@ -8,7 +8,8 @@ import torch
 
 from af3dist.config import LoraConfig, ServeConfig
 from af3dist.data.features import Featurizer
-from af3dist.data.synthetic import encode_audio, generate_clip
+from af3dist.embedded.encoding import encode_audio
+from af3dist.embedded.sounds import generate_clip
 from af3dist.inference import Captioner
 from af3dist.model.loading import add_lora, load_model
 from af3dist.server.engine import Engine, GenRequest, featurize
@@ -109,20 +110,37 @@ def test_protocol_parses_what_openai_clients_send():
     req = parse_chat_request(_body(_audio_part(b"RIFF"), {"type": "text", "text": "What is it?"},
                                    max_completion_tokens=9, temperature=0.5, seed=3, stream=True,
                                    user="ignored", n=1), cfg)
-    assert (req.audio.data, req.prompt, req.max_tokens, req.temperature, req.seed, req.stream) == (
-        b"RIFF", "What is it?", 9, 0.5, 3, True)
+    assert ([a.data for a in req.audio], req.turns[-1].text, req.max_tokens, req.temperature, req.seed,
+            req.stream, req.stop) == ([b"RIFF"], "What is it?", 9, 0.5, 3, True, None)
     assert parse_chat_request(_body(_audio_part(b"x")), cfg).max_tokens == 20
-    # Earlier user turns are history; the last user turn is the question.
-    multi = {"messages": [{"role": "system", "content": "be brief"},
-                          {"role": "user", "content": [{"type": "text", "text": "old"}]},
-                          {"role": "assistant", "content": "ok"},
-                          {"role": "user", "content": [_audio_part(b"x"), {"type": "text", "text": "new"}]}]}
-    assert parse_chat_request(multi, cfg).prompt == "new"
+    # The whole conversation is kept, in order: developer is read as system, clips in any user turn.
+    multi = {"messages": [{"role": "developer", "content": "be brief"},
+                          {"role": "user", "content": [_audio_part(b"x"), {"type": "text", "text": "old"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+                          {"role": "user", "content": [{"type": "text", "text": "new"}, _audio_part(b"y")]}],
+             "stop": ["\n", "END"]}
+    req = parse_chat_request(multi, cfg)
+    assert [(t.role, t.text, [a.data for a in t.audio]) for t in req.turns] == [
+        ("system", "be brief", []), ("user", "old", [b"x"]), ("assistant", "ok", []), ("user", "new", [b"y"])]
+    assert [a.param for a in req.audio] == ["messages.1.content.0", "messages.3.content.1"]
+    assert req.stop == ["\n", "END"] and parse_chat_request(_body(_audio_part(b"x"), stop="."), cfg).stop == ["."]
+    assert parse_chat_request(_body(_audio_part(b"x"), stop=[]), cfg).stop is None
 
 
 @pytest.mark.parametrize("body, code_or_param", [
     (_body({"type": "text", "text": "no audio"}), "audio_count"),
-    (_body(_audio_part(b"a"), _audio_part(b"b")), "audio_count"),
+    (_body(*[_audio_part(b"a")] * 5), "audio_count"),
+    ({"messages": [{"role": "user", "content": [_audio_part(b"a")]},
+                   {"role": "assistant", "content": [_audio_part(b"b")]},
+                   {"role": "user", "content": "and?"}]}, "messages.1.content.0"),
+    ({"messages": [{"role": "system", "content": [_audio_part(b"a")]}]}, "messages.0.content.0"),
+    ({"messages": [{"role": "user", "content": [_audio_part(b"a")]}, {"role": "assistant", "content": "ok"}]},
+     "messages.1"),
+    (_body(_audio_part(b"x"), stop=["a", "b", "c", "d", "e"]), "stop"),
+    (_body(_audio_part(b"x"), stop=["ok", ""]), "stop.1"),
+    (_body(_audio_part(b"x"), stop="x" * 65), "stop"),
+    (_body(_audio_part(b"x"), stop=[1]), "stop"),
+    (_body(_audio_part(b"x"), stop={"a": 1}), "stop"),
     (_body({"type": "input_audio", "input_audio": {"data": "%%%not-base64", "format": "wav"}}), "invalid_base64"),
     (_body({"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav; rm"}}), "invalid_value"),
     (_body(_audio_part(b"x"), max_tokens=0), "invalid_value"),
@@ -161,8 +179,8 @@ def test_paths_are_read_only_inside_allowed_folders(tmp_path):
     (allowed / "link.wav").symlink_to(tmp_path / "secret.wav")
     cfg = ServeConfig(allowed_audio_sources=[str(allowed)])
     inside = parse_chat_request(_body({"type": "audio", "path": str(allowed / "a.wav")}), cfg)
-    assert inside.audio.location == str(allowed / "a.wav")
-    assert read_source(inside.audio.location, cfg) == b"RIFF-ish"
+    assert inside.audio[0].location == str(allowed / "a.wav")
+    assert read_source(inside.audio[0].location, cfg) == b"RIFF-ish"
     for sneaky in (str(allowed / ".." / "secret.wav"), str(tmp_path / "clips-other" / "a.wav"),
                    str(allowed / "link.wav")):
         with pytest.raises(ApiError, match="not allowed"):
@@ -170,7 +188,7 @@ def test_paths_are_read_only_inside_allowed_folders(tmp_path):
 
 
 @pytest.mark.parametrize("path", ["serving/serve_config.yaml", "serving/serve_config.tiny.yaml"])
-def test_serve_configs_are_valid_and_name_our_deployments(path):
+def test_serve_configs_are_valid_and_build_our_deployments(path):
     from pathlib import Path
 
     import yaml
@@ -187,5 +205,65 @@ def test_serve_configs_are_valid_and_name_our_deployments(path):
     import serving.app
 
     assert callable(getattr(serving.app, attr))
-    assert {d["name"] for d in app["deployments"]} == {"AF3Model", "Gateway"}
-    load_config(app["args"]["config"], app["args"].get("overrides"))  # the args are a valid af3dist config
+    from af3dist.server.app import deployment_options
+
+    cfg = load_config(app["args"]["config"], app["args"].get("overrides"))  # the args are a valid af3dist config
+    assert set(deployment_options(cfg.serve)) == {"AF3Model", "Gateway"}
+
+
+def test_a_cancelled_request_frees_its_slot_at_once(tiny_model_dir, processor):
+    """A request whose caller goes away leaves the running batch before the next step (its KV slot is free for
+    the next admission) and a queued one never starts; the others are unaffected."""
+    import threading
+
+    from af3dist.server.engine import GenResult
+
+    engine = Engine(tiny_model_dir, dtype="float32", max_batch_size=1)
+    features = featurize(Featurizer(processor, PROMPT), make_clips()[1], PROMPT, 60)
+    solo = engine.generate([GenRequest(features, 8)])[0]
+    first_piece, release = threading.Event(), threading.Event()
+
+    def hold(_piece: str) -> None:  # the scheduler waits here, mid-request, until the test has cancelled
+        first_piece.set()
+        release.wait(10)
+
+    running = engine.submit(GenRequest(features, 1000, on_text=hold))
+    assert first_piece.wait(30)
+    queued = engine.submit(GenRequest(features, 8))
+    assert running.cancel() and queued.cancel()
+    release.set()
+    after = engine.submit(GenRequest(features, 8)).result(timeout=60)  # it needs the one slot
+    assert isinstance(after, GenResult) and after.token_ids == solo.token_ids
+    assert engine.cancelled == 2 and not engine.core.rows and not engine._futures
+
+
+def test_a_closed_stream_cancels_its_request_in_the_replica():
+    """When the client of a stream goes away, Serve closes the replica's generator: the request is cancelled
+    in the engine (which then frees its slot, as above) instead of decoding to its end."""
+    import asyncio
+    from concurrent.futures import Future
+
+    from af3dist.server.app import AF3Model
+
+    class FakeEngine:
+        admitted: list[int] = []
+
+        def __init__(self):
+            self.future: Future = Future()
+
+        def submit(self, request):
+            request.on_text("piece")
+            return self.future
+
+    replica = AF3Model.__new__(AF3Model)
+    replica.engine, replica._observed = FakeEngine(), 0
+    replica.batch_metric = type("NoMetric", (), {"observe": lambda self, n: None})()
+
+    async def first_then_close() -> str:
+        stream = replica.generate_stream(GenRequest({}, 4))
+        first = await stream.__anext__()
+        await stream.aclose()
+        return first
+
+    assert asyncio.run(first_then_close()) == "piece"
+    assert replica.engine.future.cancelled()

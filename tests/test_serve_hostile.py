@@ -43,6 +43,10 @@ def body(*parts, text: str | None = "Describe the audio.", **fields) -> dict:
     return {"model": "tiny-af3", "messages": [{"role": "user", "content": content}], **fields}
 
 
+def clip_part(data: bytes = CLIP, fmt: str = "wav") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": _b64(data), "format": fmt}}
+
+
 def path_part(path: str) -> dict:
     return {"type": "audio", "path": path}
 
@@ -166,7 +170,7 @@ def test_locations_are_checked_before_any_file_system_call(monkeypatch):
                                          "aif", "caf", "mka", "weba", "wma", "amr", "WAV", None])
 def test_input_audio_format_is_a_hint_for_any_container(format_hint):
     part = {"type": "input_audio", "input_audio": {"data": _b64(CLIP), "format": format_hint}}
-    assert parse_chat_request(body(part), ServeConfig()).audio.data == CLIP
+    assert parse_chat_request(body(part), ServeConfig()).audio[0].data == CLIP
 
 
 # The allow-list and the bounded fetch, without Ray --------------------------------------------------------
@@ -296,7 +300,7 @@ def app(ray_local, tiny_model_dir, origin, tmp_path_factory):
                     max_model_len=MAX_MODEL_LEN, max_prompt_chars=2000, max_prompt_tokens=64, cpus_per_replica=0,
                     batch_wait_timeout_s=0.05, body_read_timeout_s=2, request_timeout_s=30,
                     http_request_timeout_s=60, max_concurrent_requests=6, ingress_max_ongoing_requests=64,
-                    fetch_timeout_s=2, fetch_connect_timeout_s=1)
+                    fetch_timeout_s=2, fetch_connect_timeout_s=1, max_request_audio_seconds=12)
     overrides = [f"serve.{k}={v}" for k, v in settings.items()]
     overrides.append(f"serve.allowed_audio_sources=[{clips}, {origin}/clips/]")
     port = free_port()
@@ -364,6 +368,21 @@ def _cases(app) -> dict[str, tuple]:
                                                          b'"text", "text": "\\ud800"}]}]}'), 400, "invalid_value", ()),
         "2000 messages": (lambda: post(app, {"messages": [{"role": "user", "content": "x"}] * 2000}), 400,
                           "invalid_value", ()),
+        "five audio parts": (lambda: post(app, body(*[clip_part()] * 5)), 400, "audio_count", ()),
+        "audio in an assistant turn": (lambda: post(app, {"messages": [
+            {"role": "user", "content": [clip_part()]}, {"role": "assistant", "content": [clip_part()]},
+            {"role": "user", "content": "and now?"}]}), 400, "invalid_value", ()),
+        "audio in a system turn": (lambda: post(app, {"messages": [{"role": "system", "content": [clip_part()]},
+                                                                   {"role": "user", "content": [clip_part()]}]}),
+                                   400, "invalid_value", ()),
+        "five stop strings": (lambda: post(app, body(stop=["a", "b", "c", "d", "e"])), 400, "invalid_value", ()),
+        "empty stop string": (lambda: post(app, body(stop=["ok", ""])), 400, "invalid_value", ()),
+        "stop of the wrong type": (lambda: post(app, body(stop={"a": 1})), 400, "invalid_value", ()),
+        "10k-char stop string is not echoed": (lambda: post(app, body(stop="Q" * 10_000)), 400, "invalid_value",
+                                               ("QQQQ",)),
+        "<sound> in an earlier turn": (lambda: post(app, {"messages": [
+            {"role": "system", "content": "obey <sound>"}, {"role": "user", "content": [clip_part()]}]}), 400,
+            "special_token_in_prompt", ()),
         "huge part type is not echoed": (lambda: post(app, body({"type": "Z" * 50_000})), 400, "invalid_value",
                                          ("ZZZZ",)),
         "unknown model is not echoed": (lambda: post(app, body(model="evil-model-name-xyz")), 404,
@@ -417,11 +436,28 @@ def test_hostile_request_is_refused_and_the_service_goes_on(app, name):
     assert_good_request_works(app)
 
 
+@pytest.mark.parametrize("second, code", [(b"GIF89a-this-is-not-audio-" * 20, None), (b"", None),
+                                           (LONG_CLIP, "too_long")])
+def test_a_bad_second_clip_is_named_by_its_part(app, second, code):
+    """Every clip goes through the decoder and its limits (the 10 s clip after a 3 s one is over the request's
+    12 s audio budget); the refusal names the part it is about (messages.1.content.1), then a good request still
+    works."""
+    part = clip_part(second) if second else {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}
+    r = post(app, {"messages": [{"role": "user", "content": [clip_part(), {"type": "text", "text": "first"}]},
+                                {"role": "user", "content": [{"type": "text", "text": "and"}, part]}]})
+    assert_refused(r, 400, code, *([second[:40]] if second else []))
+    assert r.json()["error"]["param"].startswith("messages.1.content.1"), r.json()
+    assert_good_request_works(app)
+
+
 def test_what_hostile_looking_but_valid_requests_get(app):
-    """The allowed forms work: any format hint, an allowed path, an allow-listed URL and its in-prefix redirect,
-    the docs with the key."""
+    """The allowed forms work: any format hint, a conversation whose second clip is an allowed path, an allowed
+    path, an allow-listed URL and its in-prefix redirect, the docs with the key."""
     wav = {"type": "input_audio", "input_audio": {"data": _b64(CLIP), "format": "m4a"}}
-    for payload in (body(wav), body(path_part(f"{app['clips']}/a.wav")),
+    first = [clip_part(make_clips()[3], "ogg"), {"type": "text", "text": "first"}]
+    two_turns = {"messages": [{"role": "user", "content": first}, {"role": "assistant", "content": "clicks"},
+                              {"role": "user", "content": [path_part(f"{app['clips']}/a.wav")]}], "stop": "\n"}
+    for payload in (body(wav), two_turns, body(path_part(f"{app['clips']}/a.wav")),
                     body(url_part(f"{app['origin']}/clips/a.wav")), body(url_part(f"{app['origin']}/clips/redirect-in"))):
         r = post(app, payload)
         assert r.status_code == 200, r.text

@@ -9,6 +9,8 @@ the user prompt and the role tags).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,14 +22,27 @@ from af3dist.data.audio import ClipError
 IGNORE_INDEX = -100
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One message of a conversation: its role (system, user or assistant), its text, and how many audio clips
+    it carries. The clips stand before the text, as AF3 was trained to read them."""
+
+    role: str
+    text: str
+    audios: int = 0
+
+
+def chat_messages(turns: Sequence[Turn]) -> list[dict[str, Any]]:
+    """Turns in the shape the chat template reads: a turn with audio as a list of audio placeholders and its
+    text, a turn without as its text alone."""
+    return [{"role": t.role, "content": [{"type": "audio"}] * t.audios + [{"type": "text", "text": t.text}]}
+            if t.audios else {"role": t.role, "content": t.text} for t in turns]
+
+
 def conversation(prompt: str, caption: str | None = None) -> list[dict[str, Any]]:
     """One user turn (audio, then prompt text) and, for training, the assistant's caption."""
-    messages: list[dict[str, Any]] = [
-        {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": prompt}]}
-    ]
-    if caption is not None:
-        messages.append({"role": "assistant", "content": caption})
-    return messages
+    turns = [Turn("user", prompt, 1)] + ([Turn("assistant", caption)] if caption is not None else [])
+    return chat_messages(turns)
 
 
 class FastWhisperFeatureExtractor(WhisperFeatureExtractor):
@@ -104,9 +119,13 @@ class Featurizer:
 
     def render(self, prompt: str | None = None, caption: str | None = None) -> str:
         """Chat text: with a caption, the whole exchange; without, the prompt ready for generation."""
-        return self.processor.apply_chat_template(
-            conversation(prompt or self.prompt, caption), tokenize=False, add_generation_prompt=caption is None
-        )
+        return self.render_messages(conversation(prompt or self.prompt, caption), add_generation_prompt=caption is None)
+
+    def render_messages(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The one place a conversation becomes chat text: the model's own chat template (its default system
+        prompt when there is none, one `<sound>` per message that has audio, or per clip, before the text)."""
+        return self.processor.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
 
     def _single(self, waveform: np.ndarray, text: str) -> dict[str, np.ndarray]:
         out = self.processor(text=[text], audio=[waveform])
@@ -115,6 +134,30 @@ class Featurizer:
             "input_features": out["input_features"].numpy(),
             "input_features_mask": out["input_features_mask"].numpy().astype(bool),
         }
+
+    def _expanded(self, text: str, waveforms: Sequence[np.ndarray], per_message: Sequence[int]
+                  ) -> dict[str, np.ndarray]:
+        """Model inputs for chat text holding several clips (AF3's processor takes one clip per text): the
+        clips' log-mel windows in order, and each `<sound>` of the text expanded to its clips' token runs, as
+        the processor expands one. The template writes one `<sound>` per clip or one per message with audio
+        (`per_message`: clips per such message); either way the runs follow one another in clip order."""
+        sound = self.processor.audio_token
+        out = self.processor(text=[sound] * len(waveforms), audio=list(waveforms))
+        runs = [int(n) for n in (out["input_ids"] == self.audio_token_id).sum(-1)]
+        pieces = text.split(sound)
+        if len(pieces) - 1 == len(runs):
+            groups = [[n] for n in runs]
+        elif len(pieces) - 1 == len(per_message):
+            bounds = np.cumsum([0, *per_message])
+            groups = [runs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        else:
+            raise RuntimeError(f"the chat template wrote {len(pieces) - 1} {sound} for {len(runs)} clips")
+        expanded = pieces[0] + "".join(sound * sum(g) + piece for g, piece in zip(groups, pieces[1:]))
+        ids = np.asarray(self.tokenizer(expanded)["input_ids"], dtype=np.int32)
+        if int((ids == self.audio_token_id).sum()) != sum(runs):
+            raise RuntimeError("the expanded chat text does not tokenize to its audio runs")
+        return {"input_ids": ids, "input_features": out["input_features"].numpy(),
+                "input_features_mask": out["input_features_mask"].numpy().astype(bool)}
 
     def training_example(self, waveform: np.ndarray, caption: str, prompt: str | None = None) -> dict[str, Any]:
         """input_ids, labels (-100 outside the caption + <|im_end|>), log-mel windows and their mask."""
@@ -142,4 +185,20 @@ class Featurizer:
 
     def generation_inputs(self, waveform: np.ndarray, prompt: str | None = None) -> dict[str, np.ndarray]:
         """Inputs for `generate`: the prompt with the generation prompt appended, no labels."""
-        return self._single(waveform, self.render(prompt))
+        return self.conversation_inputs([Turn("user", prompt or "", 1)], [waveform])
+
+    def conversation_inputs(self, turns: Sequence[Turn], waveforms: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """Inputs for `generate` from a whole conversation (system prompt, earlier turns, the assistant's
+        replies) and its clips in order of appearance, rendered by the chat template with the generation prompt
+        appended. A user turn that carries audio but no text asks the default prompt. With one clip this is the
+        processor's own featurization, token for token what training and `generation_inputs` always made."""
+        turns = [Turn(t.role, self.prompt, t.audios) if t.audios and t.role == "user" and not t.text
+                 else t for t in turns]
+        per_message = [t.audios for t in turns if t.audios]
+        if sum(per_message) != len(waveforms) or not waveforms:
+            raise ValueError(f"the turns carry {sum(per_message)} clips and {len(waveforms)} were given "
+                             "(at least one is needed)")
+        text = self.render_messages(chat_messages(turns))
+        if len(waveforms) == 1:
+            return self._single(waveforms[0], text)
+        return self._expanded(text, waveforms, per_message)

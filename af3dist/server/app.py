@@ -37,10 +37,12 @@ from ray.util import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from af3dist.config import API_KEY_ENV, Config, ConfigError, ServeConfig, load_config
-from af3dist.data.audio import ClipError
-from af3dist.server.engine import Engine, GenFailure, GenRequest, GenResult, featurize
-from af3dist.server.protocol import (DONE, ApiError, ChatRequest, PromptChecker, busy, chat_completion, chunk,
-                                     completion_id, error_body, parse_chat_request, parse_json)
+from af3dist.data.audio import TARGET_SAMPLING_RATE, ClipError, load_waveform
+from af3dist.data.features import Turn
+from af3dist.server.engine import Engine, GenFailure, GenRequest, GenResult
+from af3dist.server.protocol import (DONE, ApiError, AudioRef, ChatRequest, ChatTurn, PromptChecker, busy,
+                                     chat_completion, chunk, completion_id, error_body, parse_chat_request,
+                                     parse_json)
 from af3dist.server.sources import read_source
 
 log = logging.getLogger(__name__)
@@ -125,16 +127,21 @@ class AF3Model:
         request.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
         future = await self._submit(request)
         future.add_done_callback(lambda f: pieces.put_nowait(f))
-        while True:
-            item = await pieces.get()
-            if item is future:
-                yield future.result()
-                return
-            yield item
+        try:
+            while True:
+                item = await pieces.get()
+                if item is future:
+                    yield future.result()
+                    return
+                yield item
+        finally:  # the client went away (Serve cancels or closes this stream): free the request's slot now
+            if not future.done():
+                future.cancel()
 
     def stats(self) -> dict[str, Any]:
         return {"batch_sizes": list(self.engine.admitted), "max_batch_size": self.max_batch_size,
-                "loaded_adapters": sorted(self.engine.adapter_paths)}
+                "loaded_adapters": sorted(self.engine.adapter_paths), "in_flight": len(self.engine.core.rows),
+                "cancelled": self.engine.cancelled}
 
     async def check_health(self) -> None:
         """Raises when this replica cannot generate (see the class docstring); Serve calls it periodically."""
@@ -156,26 +163,40 @@ class AF3Model:
         return True
 
 
+def deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
+    """Both deployments' Serve options (scaling, concurrency, queues, resources, batch settings), from `cfg`
+    alone. The Serve config files (serving/*.yaml, and rayservice.yaml's serveConfigV2) state these as
+    `serve.*` overrides, never as `deployments` entries, so the config is their one source
+    (tests/test_cluster_manifests.py checks it)."""
+    return {
+        "AF3Model": dict(
+            autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                                "initial_replicas": max(cfg.min_replicas, 1),
+                                "target_ongoing_requests": cfg.target_ongoing_requests,
+                                "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s},
+            max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
+            ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+            user_config={"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
+            health_check_period_s=10, health_check_timeout_s=cfg.health_probe_timeout_s + 10,
+            graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s),
+        # The gateway mostly waits on the model: it must hold many more requests than Serve's default of 5,
+        # or it, not the model, caps the batch size. Beyond max_concurrent_requests it refuses at once (429);
+        # the proxy's queue in front of it is bounded too (503 with Retry-After).
+        "Gateway": dict(num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ingress_max_ongoing_requests,
+                        max_queued_requests=cfg.ingress_max_queued_requests,
+                        ray_actor_options={"num_cpus": cfg.ingress_cpus}),
+    }
+
+
 def model_deployment(cfg: ServeConfig):
-    """AF3Model as a Serve deployment with the scaling, resources and batch settings of `cfg`.
+    """AF3Model as a Serve deployment with the options of `cfg` (deployment_options).
 
     The class itself depends only on the adapter slots: batch size and wait reach the replicas through
     user_config (reconfigure), so a redeploy that changes them, scaling or concurrency updates the running
     replicas in place instead of replacing them.
     """
-    return serve.deployment(
-        _model_class(cfg.max_adapters_per_replica), name="AF3Model",
-        autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                            "initial_replicas": max(cfg.min_replicas, 1),
-                            "target_ongoing_requests": cfg.target_ongoing_requests,
-                            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s},
-        max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
-        backpressure_config=_backpressure(cfg),
-        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
-        user_config={"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
-        health_check_period_s=10, health_check_timeout_s=cfg.health_probe_timeout_s + 10,
-        graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=30,
-    )
+    return serve.deployment(_model_class(cfg.max_adapters_per_replica), name="AF3Model",
+                            backpressure_config=_backpressure(cfg), **deployment_options(cfg)["AF3Model"])
 
 
 def _backpressure(cfg: ServeConfig) -> BackpressureConfig:
@@ -327,13 +348,18 @@ class Gateway:
                             f"{', '.join([self.base_name, *self.adapters])})", param="model",
                        code="model_not_found")
 
-    def _audio_error(self, err: ClipError, param: str = "audio") -> ApiError:
+    def _audio_error(self, err: ClipError, param: str = "audio", total: bool = False) -> ApiError:
+        """A clip we cannot use, as the client's error (`total`: the request's audio budget ran out)."""
         if err.reason == "timeout":
             return ApiError(504, "the audio could not be read in time", type="timeout_error", param=param,
                             code="timeout")
-        message = AUDIO_ERRORS.get(err.reason) or (
-            f"the audio is over the limit ({self.cfg.max_audio_seconds:g} s, {self.cfg.max_body_mb:g} MB)"
-            if err.reason == "too_long" else "the audio cannot be used")
+        if err.reason == "too_long" and total:
+            message = (f"the request's audio is over the limit of {self.cfg.max_request_audio_seconds:g} s for "
+                       "all clips together")
+        elif err.reason == "too_long":
+            message = f"the audio is over the limit ({self.cfg.max_audio_seconds:g} s, {self.cfg.max_body_mb:g} MB)"
+        else:
+            message = AUDIO_ERRORS.get(err.reason) or "the audio cannot be used"
         return ApiError(400, message, param=param, code=err.reason)
 
     @contextlib.asynccontextmanager
@@ -346,31 +372,51 @@ class Gateway:
             raise ApiError(504, f"no answer within {self.cfg.request_timeout_s:g} s", type="timeout_error",
                            code="timeout") from None
 
-    async def _audio(self, chat: ChatRequest) -> bytes:
-        if chat.audio.data is not None:
-            return chat.audio.data
+    async def _audio(self, ref: AudioRef) -> bytes:
+        """One clip's bytes: inline, or read from its allow-listed path or URL (off the event loop, bounded)."""
+        if ref.data is not None:
+            return ref.data
         try:
-            return await asyncio.wait_for(_blocking(read_source, chat.audio.location, self.cfg),
+            return await asyncio.wait_for(_blocking(read_source, ref.location, self.cfg),
                                           timeout=self.cfg.fetch_timeout_s + self.cfg.fetch_connect_timeout_s)
         except asyncio.TimeoutError:
-            raise self._audio_error(ClipError("timeout", "fetch deadline")) from None
+            raise self._audio_error(ClipError("timeout", "fetch deadline"), ref.param) from None
         except ClipError as err:
-            raise self._audio_error(err) from None
+            raise self._audio_error(err, ref.param) from None
 
-    def _featurize(self, audio: bytes, prompt: str, max_tokens: int) -> dict[str, Any]:
-        """Prompt checks (cheapest first), then decoding and featurizing, then the context-length check."""
-        self.prompts.check(prompt)
-        try:
-            features = featurize(self.featurizer, audio, prompt, self.cfg.max_audio_seconds)
-        except ClipError as err:
-            raise self._audio_error(err) from None
+    def _waveforms(self, refs: list[AudioRef], audios: list[bytes]) -> list[Any]:
+        """Each clip decoded within `max_audio_seconds` and what is left of `max_request_audio_seconds`
+        (decoding stops at the limit, so N clips cannot cost more than the request's budget)."""
+        waveforms, left = [], self.cfg.max_request_audio_seconds
+        for ref, data in zip(refs, audios):
+            limit = min(self.cfg.max_audio_seconds, left)
+            try:
+                if limit <= 0:
+                    raise ClipError("too_long", "no audio budget left")
+                waveform = load_waveform(data, max_seconds=limit)
+            except ClipError as err:
+                raise self._audio_error(err, ref.param, total=limit < self.cfg.max_audio_seconds) from None
+            waveforms.append(waveform)
+            left -= len(waveform) / TARGET_SAMPLING_RATE
+        return waveforms
+
+    def _featurize(self, turns: list[ChatTurn], audios: list[bytes], max_tokens: int) -> dict[str, Any]:
+        """Prompt checks (cheapest first), then decoding and featurizing the whole conversation, then the
+        context-length check (audio of every clip included)."""
+        self.prompts.check(turns)
+        waveforms = self._waveforms([ref for t in turns for ref in t.audio], audios)
+        features = self.featurizer.conversation_inputs([Turn(t.role, t.text, len(t.audio)) for t in turns],
+                                                       waveforms)
         self.prompts.check_context(int(len(features["input_ids"])), max_tokens)
         return features
 
-    async def _request(self, audio: bytes, prompt: str, adapter: str | None, max_tokens: int,
-                       temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> GenRequest:
-        features = await _blocking(self._featurize, audio, prompt, max_tokens)
-        return GenRequest(features, max_tokens, temperature, top_p, seed, adapter)
+    async def _request(self, turns: list[ChatTurn], adapter: str | None, max_tokens: int, temperature: float = 0.0,
+                       top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> GenRequest:
+        """The conversation's clips fetched (in order, so the first bad one is the one named), then featurized
+        in a worker thread: a request the model replica can run."""
+        audios = [await self._audio(ref) for t in turns for ref in t.audio]
+        features = await _blocking(self._featurize, turns, audios, max_tokens)
+        return GenRequest(features, max_tokens, temperature, top_p, seed, adapter, stop=stop)
 
     @staticmethod
     def _checked(result: GenResult | GenFailure) -> GenResult:
@@ -490,9 +536,8 @@ class Gateway:
                 chat: ChatRequest = await _blocking(_parse_chat, body, self.cfg)
                 del body
                 adapter = self._adapter_for(chat.model)
-                audio = await self._audio(chat)
-                gen = await self._request(audio, chat.prompt, adapter, chat.max_tokens, chat.temperature,
-                                          chat.top_p, chat.seed)
+                gen = await self._request(chat.turns, adapter, chat.max_tokens, chat.temperature, chat.top_p,
+                                          chat.seed, chat.stop)
                 if chat.stream:
                     stream, first = await self._start_stream(gen)
                 else:
@@ -554,8 +599,8 @@ class Gateway:
                 if not isinstance(prompt, str) or (model is not None and not isinstance(model, str)):
                     raise ApiError(400, "`prompt` and `model` must be text fields")
                 adapter = self._adapter_for(model)
-                result = await self._generate(await self._request(await upload.read(), prompt, adapter,
-                                                                  self.cfg.default_max_tokens))
+                turn = ChatTurn("user", prompt, [AudioRef(data=await upload.read(), param="file")], param="prompt")
+                result = await self._generate(await self._request([turn], adapter, self.cfg.default_max_tokens))
             return {"caption": result.text, "model": adapter or self.base_name}
         return await self._observe("captions", request, handler)
 
@@ -574,7 +619,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     serve_cfg = ServeConfig.model_validate({**cfg.serve.model_dump(), "adapters": adapters})
     model = args.get("model")
     if not model:
-        from af3dist.assets import prepare_embedded
+        from af3dist.embedded.assets import prepare_embedded
 
         if cfg.model.build_tiny is not None:
             prepare_embedded(cfg.model_copy(update={"data": cfg.data.model_copy(update={"synthetic": None})}))
@@ -583,11 +628,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                 "base_name": serve_cfg.model_name or served_name(model)}
     model_app = model_deployment(serve_cfg).bind(model, serve_cfg.adapters, cfg.model.dtype,
                                                  health_settings(serve_cfg), serve_cfg.max_model_len)
-    # The gateway mostly waits on the model: it must hold many more requests than Serve's default of 5,
-    # or it, not the model, caps the batch size. Beyond max_concurrent_requests it refuses at once (429); the
-    # proxy's queue in front of it is bounded too (503 with Retry-After).
-    return Gateway.options(num_replicas=serve_cfg.ingress_replicas,
-                           max_ongoing_requests=serve_cfg.ingress_max_ongoing_requests,
-                           max_queued_requests=serve_cfg.ingress_max_queued_requests,
-                           backpressure_config=_backpressure(serve_cfg),
-                           ray_actor_options={"num_cpus": 0.25}).bind(model_app, settings)
+    return Gateway.options(backpressure_config=_backpressure(serve_cfg),
+                           **deployment_options(serve_cfg)["Gateway"]).bind(model_app, settings)

@@ -8,7 +8,8 @@ waits until the running batch drains, then its adapter's batch starts (strict FI
 Greedy and sampled requests batch alike: a sampled row draws from its own generator seeded from its seed, so
 its tokens never depend on what else is in the batch. Each request succeeds or fails alone (a failing prefill
 is retried row by row; only the request that fails gets a `GenFailure`). `on_text` on a request streams its
-text piece by piece as it is decoded.
+text piece by piece as it is decoded. A request whose future is cancelled (its caller went away) leaves the
+queue, or the running batch before the next step, so its KV slot is free at once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from peft import PeftModel
 
+from af3dist.config import DEFAULT_PROMPT
 from af3dist.data.audio import load_waveform
 from af3dist.data.features import Featurizer, load_processor
 from af3dist.generation import GenerationEngine, GenFailure, GenRequest, GenResult
@@ -32,7 +34,7 @@ from af3dist.model.loading import load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
 
-PROBE_PROMPT = "Describe the audio."
+PROBE_PROMPT = DEFAULT_PROMPT
 
 __all__ = ["Engine", "GenFailure", "GenRequest", "GenResult", "featurize"]
 
@@ -76,6 +78,8 @@ class Engine:
         self._queue: collections.deque[tuple[GenRequest, Future, bool]] = collections.deque()
         self._wake = threading.Condition()
         self._futures: dict[int, tuple[Future, GenRequest]] = {}  # request id -> its future, while in flight
+        self._cancelled: list[Future] = []  # futures cancelled since the scheduler last looked
+        self.cancelled = 0  # requests given up before they finished (their callers went away)
         self._pending_batch_size: int | None = None
         self._thread: threading.Thread | None = None
         self._adapter: str | None = None  # the running batch's
@@ -140,8 +144,10 @@ class Engine:
             self._wake.notify()
 
     def submit(self, request: GenRequest, probe: bool = False) -> Future:
-        """Queue a request; the future resolves to its GenResult or GenFailure."""
+        """Queue a request; the future resolves to its GenResult or GenFailure. Cancelling the future gives the
+        request up: it never starts, or it leaves the running batch before the next decode step."""
         future: Future = Future()
+        future.add_done_callback(self._on_done)
         with self._wake:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="af3dist-scheduler", daemon=True)
@@ -149,6 +155,29 @@ class Engine:
             self._queue.append((request, future, probe))
             self._wake.notify()
         return future
+
+    def _on_done(self, future: Future) -> None:
+        if future.cancelled():
+            with self._wake:
+                self._cancelled.append(future)
+                self._wake.notify()
+
+    def _drop_cancelled(self) -> None:
+        """Under self._wake, in the scheduler thread: cancelled requests leave the queue and the running batch
+        (their slots are free for the next admission)."""
+        if not self._cancelled:
+            return
+        gone = {id(f) for f in self._cancelled}
+        self._cancelled.clear()
+        queued = len(self._queue)
+        self._queue = collections.deque(e for e in self._queue if id(e[1]) not in gone)
+        dropped = queued - len(self._queue)
+        for slot, row in list(self.core.rows.items()):
+            if row.key in gone and self._futures[row.key][0].cancelled():
+                del self.core.rows[slot]
+                del self._futures[row.key]
+                dropped += 1
+        self.cancelled += dropped
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult | GenFailure]:
         """One result per request, in order; a request that fails gets a GenFailure, the others their text.
@@ -172,8 +201,10 @@ class Engine:
 
     def _next_admissions(self) -> tuple[str | None, list[tuple[GenRequest, Future, bool]]]:
         """Under self._wake: wait for work, then take the queue's head requests that may join the batch now."""
+        self._drop_cancelled()
         while not self._queue and not self.core.rows:
             self._wake.wait()
+            self._drop_cancelled()
         if not self.core.rows:
             if self._pending_batch_size is not None:
                 self.core = GenerationEngine(self.base, self.processor.tokenizer,
@@ -226,7 +257,8 @@ class Engine:
             for key, outcome in outcomes:
                 failed |= isinstance(outcome, GenFailure)
                 future, _ = self._futures.pop(key)
-                future.set_result(outcome)
+                if not future.done():  # a cancelled one has nobody waiting
+                    future.set_result(outcome)
         finally:
             if self.on_step:
                 self.on_step(None)

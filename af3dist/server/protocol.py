@@ -16,7 +16,8 @@ import math
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
@@ -28,6 +29,10 @@ FORMAT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,15}")
 # Sampling bounds as in vLLM: the seed is an int64, a temperature is 0 (greedy) or at least 1e-5.
 SEED_RANGE = (-(2**63), 2**63 - 1)
 MIN_TEMPERATURE = 1e-5
+# OpenAI's `stop`: a string or up to 4 strings; each bounded, since the engine searches the text for every one
+# at every step.
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 64
 # Characters no legitimate path or URL needs: controls (NUL included), whitespace, backslash, lone surrogates.
 _BAD_LOCATION_CHARS = re.compile(r"[\x00-\x20\x7f\\\ud800-\udfff]")
 
@@ -78,26 +83,45 @@ class _ChatBody(BaseModel):
     seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: StrictBool | None = False
     n: StrictInt | None = Field(None, ge=1, le=1)
+    stop: StrictStr | list[StrictStr] | None = None
 
 
 @dataclass
 class AudioRef:
-    """Where a request's audio is: inline bytes, or an allow-listed path/URL the server may read."""
+    """Where one audio clip of a request is: inline bytes, or an allow-listed path/URL the server may read.
+    `param` names its part (`messages.2.content.1`), so a refusal says which clip it is about."""
 
     data: bytes | None = None
     location: str | None = None
+    param: str = "audio"
+
+
+@dataclass
+class ChatTurn:
+    """One message as the model will read it: its role (`developer` is read as `system`), its text parts
+    joined, and its clips (user turns only). `param` names the message in refusals."""
+
+    role: Literal["system", "user", "assistant"]
+    text: str
+    audio: list[AudioRef] = field(default_factory=list)
+    param: str = "messages"
 
 
 @dataclass
 class ChatRequest:
     model: str | None
-    audio: AudioRef
-    prompt: str
+    turns: list[ChatTurn]
     max_tokens: int
     temperature: float
     top_p: float
     seed: int | None
     stream: bool
+    stop: list[str] | None = None
+
+    @property
+    def audio(self) -> list[AudioRef]:
+        """Every clip of the conversation, in order of appearance."""
+        return [ref for turn in self.turns for ref in turn.audio]
 
 
 def parse_json(body: bytes, cfg: ServeConfig) -> Any:
@@ -163,6 +187,7 @@ def check_location(location: str, cfg: ServeConfig, param: str) -> None:
 
 
 def _audio_part(part: dict[str, Any], index: str, cfg: ServeConfig) -> AudioRef:
+    """One audio part checked (without touching a file system or the network) into an AudioRef."""
     kind = part.get("type")
     if kind == "input_audio":
         spec = part.get("input_audio")
@@ -176,7 +201,7 @@ def _audio_part(part: dict[str, Any], index: str, cfg: ServeConfig) -> AudioRef:
             raise ApiError(400, "input_audio.data must be a non-empty base64 string",
                            param=f"{index}.input_audio.data")
         try:
-            return AudioRef(data=base64.b64decode(data, validate=True))
+            return AudioRef(data=base64.b64decode(data, validate=True), param=index)
         except (binascii.Error, ValueError):
             raise ApiError(400, "input_audio.data is not valid base64", param=f"{index}.input_audio.data",
                            code="invalid_base64") from None
@@ -187,7 +212,7 @@ def _audio_part(part: dict[str, Any], index: str, cfg: ServeConfig) -> AudioRef:
     if not isinstance(location, str) or not location:
         raise ApiError(400, f"an {kind} part must carry audio (input_audio with base64 data)", param=index)
     check_location(location, cfg, index)
-    return AudioRef(location=location)
+    return AudioRef(location=location, param=index)
 
 
 def _text(value: Any, param: str) -> str:
@@ -202,7 +227,8 @@ def _text(value: Any, param: str) -> str:
 
 
 def parse_chat_request(payload: Any, cfg: ServeConfig) -> ChatRequest:
-    """A checked chat-completions request: exactly one audio part, the last user turn's text as prompt."""
+    """A checked chat-completions request: the whole conversation (system/developer prompt, user and assistant
+    turns, in order, ending on a user turn) with 1 to `max_audios_per_request` clips in its user turns."""
     if not isinstance(payload, dict):
         raise ApiError(400, "the request body must be a JSON object")
     messages = payload.get("messages")
@@ -221,30 +247,38 @@ def parse_chat_request(payload: Any, cfg: ServeConfig) -> ChatRequest:
         raise ApiError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}", param="temperature",
                        code="invalid_value")
 
-    audio: list[AudioRef] = []
-    prompt_parts: list[str] = []
+    turns: list[ChatTurn] = []
+    n_audio = 0
     for m_i, message in enumerate(body.messages):
+        role = "system" if message.role == "developer" else message.role
         parts = [{"type": "text", "text": message.content}] if isinstance(message.content, str) else (
             message.content or [])
+        texts: list[str] = []
+        audio: list[AudioRef] = []
         for p_i, part in enumerate(parts):
             index = f"messages.{m_i}.content.{p_i}"
             kind = part.get("type")
             if kind == "text":
-                text = _text(part.get("text"), f"{index}.text")
-                if message.role == "user":
-                    prompt_parts.append(text)
+                texts.append(_text(part.get("text"), f"{index}.text"))
             elif kind in ("input_audio", "audio", "audio_url"):
-                if message.role != "user":
-                    raise ApiError(400, "audio is only accepted in user messages", param=index)
+                if role != "user":
+                    raise ApiError(400, "audio is only accepted in user messages", param=index, code="invalid_value")
+                n_audio += 1
+                if n_audio > cfg.max_audios_per_request:  # counted before any base64 is decoded
+                    raise ApiError(400, f"a request may carry at most {cfg.max_audios_per_request} audio parts",
+                                   param=index, code="audio_count")
                 audio.append(_audio_part(part, index, cfg))
             else:
                 raise ApiError(400, "unsupported content part type (use text and input_audio)",
                                param=f"{index}.type", code="invalid_value")
-        if message.role == "user" and m_i != len(body.messages) - 1:
-            prompt_parts = []  # only the last user turn is the question about the clip
-    if len(audio) != 1:
-        raise ApiError(400, f"a request must carry exactly one audio part, got {len(audio)}",
-                       param="messages", code="audio_count")
+        text = " ".join(t.strip() for t in texts if t.strip())
+        turns.append(ChatTurn(role, text, audio, param=f"messages.{m_i}"))
+    if n_audio == 0:
+        raise ApiError(400, "a request must carry at least one audio part (input_audio): this model answers about "
+                            "audio", param="messages", code="audio_count")
+    if turns[-1].role != "user":
+        raise ApiError(400, "the last message must be a user message", param=turns[-1].param, code="invalid_value")
+    check_prompt_chars("".join(t.text for t in turns), cfg)
 
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
@@ -252,11 +286,26 @@ def parse_chat_request(payload: Any, cfg: ServeConfig) -> ChatRequest:
     if not 1 <= max_tokens <= cfg.max_tokens_limit:
         raise ApiError(400, f"max_tokens must be between 1 and {cfg.max_tokens_limit}",
                        param="max_tokens", code="invalid_value")
-    prompt = " ".join(t.strip() for t in prompt_parts if t.strip())
-    check_prompt_chars(prompt, cfg)
-    return ChatRequest(model=body.model, audio=audio[0], prompt=prompt, max_tokens=max_tokens,
+    return ChatRequest(model=body.model, turns=turns, max_tokens=max_tokens,
                        temperature=float(body.temperature or 0.0), top_p=float(body.top_p or 1.0),
-                       seed=body.seed, stream=bool(body.stream))
+                       seed=body.seed, stream=bool(body.stream), stop=_stop(body.stop))
+
+
+def _stop(value: str | list[str] | None) -> list[str] | None:
+    """OpenAI's `stop`: None, one string or a list of up to MAX_STOP_STRINGS non-empty strings of at most
+    MAX_STOP_CHARS characters each (an empty list means none)."""
+    if value is None:
+        return None
+    stops = [value] if isinstance(value, str) else value
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"stop may hold at most {MAX_STOP_STRINGS} strings", param="stop", code="invalid_value")
+    for i, stop in enumerate(stops):
+        param = "stop" if isinstance(value, str) else f"stop.{i}"
+        if not 1 <= len(stop) <= MAX_STOP_CHARS:
+            raise ApiError(400, f"a stop string must hold 1 to {MAX_STOP_CHARS} characters", param=param,
+                           code="invalid_value")
+        _text(stop, param)
+    return stops or None
 
 
 def check_prompt_chars(prompt: str, cfg: ServeConfig, param: str = "messages") -> None:
@@ -276,15 +325,19 @@ class PromptChecker:
         added = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
         self.forbidden = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True) if t))
 
-    def check(self, prompt: str, param: str = "messages") -> None:
-        check_prompt_chars(prompt, self.cfg, param)
-        if prompt and self.forbidden.pattern and self.forbidden.search(prompt):
-            raise ApiError(400, "the prompt holds a special token of the model (such as <sound>); remove it",
-                           param=param, code="special_token_in_prompt")
-        n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+    def check(self, turns: Sequence[ChatTurn]) -> None:
+        """The text of every turn (system and assistant turns too: the model reads them all), the limits on
+        the whole conversation's text."""
+        check_prompt_chars("".join(t.text for t in turns), self.cfg)
+        n = 0
+        for turn in turns:
+            if turn.text and self.forbidden.pattern and self.forbidden.search(turn.text):
+                raise ApiError(400, "the prompt holds a special token of the model (such as <sound>); remove it",
+                               param=turn.param, code="special_token_in_prompt")
+            n += len(self.tokenizer(turn.text, add_special_tokens=False)["input_ids"]) if turn.text else 0
         if n > self.cfg.max_prompt_tokens:
-            raise ApiError(400, f"the prompt is {n} tokens; the limit is {self.cfg.max_prompt_tokens}", param=param,
-                           code="prompt_too_long")
+            raise ApiError(400, f"the prompt is {n} tokens; the limit is {self.cfg.max_prompt_tokens}",
+                           param="messages", code="prompt_too_long")
 
     def check_context(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens + max_tokens > self.cfg.max_model_len:
