@@ -10,7 +10,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from af3dist.config import Config, ConfigError, load_config, preset_names
+from pydantic import ValidationError
+
+from af3dist.config import (DEFAULT_PROMPT, CaptionBatchConfig, Config, ConfigError, SyntheticDataConfig, format_errors,
+                            load_config, preset_names)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -29,9 +32,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> None:
-    from af3dist.assets import tokenizer_corpus
+    from af3dist.embedded.assets import tokenizer_corpus
     from af3dist.config import TinyModelConfig
-    from af3dist.model.tiny import build_tiny_model
+    from af3dist.embedded.tiny_model import build_tiny_model
 
     cfg = load_config(args.config)
     tiny = cfg.model.build_tiny or TinyModelConfig()
@@ -42,18 +45,20 @@ def _make_tiny_model(args: argparse.Namespace) -> None:
 
 
 def _make_synthetic_audiocaps(args: argparse.Namespace) -> None:
-    from af3dist.data.synthetic import make_synthetic_audiocaps
+    from af3dist.embedded.audiocaps import make_synthetic_audiocaps
 
-    summary = make_synthetic_audiocaps(args.out, train_clips=args.train_clips,
-                                       validation_clips=args.validation_clips, test_clips=args.test_clips,
-                                       shards=args.shards, long_clips=args.long_clips, seed=args.seed)
+    try:
+        sizes = SyntheticDataConfig(**{name: getattr(args, name) for name in SyntheticDataConfig.model_fields})
+    except ValidationError as err:
+        raise ConfigError(format_errors(err, SyntheticDataConfig)) from None
+    summary = make_synthetic_audiocaps(args.out, **sizes.model_dump())
     import json
 
     print(json.dumps(summary, indent=2, default=str))
 
 
 def _data(args: argparse.Namespace) -> None:
-    from af3dist.data.run import print_summary, run_data_pipeline
+    from af3dist.data_check import print_summary, run_data_pipeline
 
     print_summary(run_data_pipeline(config_from_args(args), split=args.split, batch_size=args.batch_size,
                                     limit=args.limit))
@@ -73,9 +78,11 @@ def _evaluate(args: argparse.Namespace) -> None:
     from af3dist.evaluate import evaluate
 
     cfg = config_from_args(args)
+    for name in ("split", "limit", "batch_size"):  # flags are the eval section's fields
+        if getattr(args, name) is not None:
+            setattr(cfg.eval, name, getattr(args, name))
     out = args.out or str(Path(cfg.output_dir) / "eval")
-    print(json.dumps(evaluate(cfg, args.model or cfg.model.name_or_path, out, adapter=args.adapter,
-                              split=args.split, limit=args.limit, batch_size=args.batch_size), indent=2))
+    print(json.dumps(evaluate(cfg, args.model or cfg.model.name_or_path, out, adapter=args.adapter), indent=2))
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -87,7 +94,10 @@ def _merge(args: argparse.Namespace) -> None:
 def _main_job(args: argparse.Namespace) -> None:
     from af3dist.recipe import run_main
 
-    run_main(config_from_args(args), limit=args.limit)
+    cfg = config_from_args(args)
+    if args.limit is not None:
+        cfg.eval.limit = args.limit
+    run_main(cfg)
 
 
 @contextmanager
@@ -112,23 +122,29 @@ def _sigterm_unwinds() -> Iterator[None]:
 def _caption_batch(args: argparse.Namespace) -> None:
     import json
 
-    from af3dist.captioning.job import BatchCaptionConfig, run_batch_caption
+    from af3dist.captioning.job import run_batch_caption
     from af3dist.captioning.lock import LockLost, OutputLocked
 
-    options = {k: v for k, v in vars(args).items()
-               if k not in ("command", "func", "base", "ray_address", "num_cpus") and v is not None}
-    options["model"] = args.model or args.base or args.adapter  # an adapter folder records its base
-    if not options["model"]:
+    cfg = config_from_args(args)
+    flags = {name: getattr(args, name) for name in CaptionBatchConfig.model_fields
+             if getattr(args, name, None) is not None}  # the flags are caption_batch's fields
+    if args.base and not args.model:
+        flags["model"] = args.base
+    job = CaptionBatchConfig.make(**{**cfg.caption_batch.model_dump(exclude_unset=True), **flags})
+    if job.model is None and job.adapter is not None:
+        job.model = job.adapter  # an adapter folder records its base
+    if job.model is None:
         raise ConfigError("caption-batch needs --model (merged or base) or --base with --adapter")
-    cfg = BatchCaptionConfig.make(**options, ray={"address": args.ray_address, "num_cpus": args.num_cpus})
+    ray_cfg = cfg.ray.model_copy(update={k: v for k, v in (("address", args.ray_address),
+                                                            ("num_cpus", args.num_cpus)) if v is not None})
     try:
         with _sigterm_unwinds():
-            summary = run_batch_caption(cfg)
+            summary = run_batch_caption(job, ray_cfg=ray_cfg)
     except (OutputLocked, LockLost) as e:
         print(f"af3dist: {e}", file=sys.stderr)
         raise SystemExit(3) from None
     print(json.dumps(summary, indent=2))
-    if not summary["complete"] and cfg.limit is None:
+    if not summary["complete"] and job.limit is None:
         raise SystemExit(1)
 
 
@@ -161,12 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-synthetic-audiocaps", help="write synthetic clips in the OpenSound/AudioCaps layout")
     p.add_argument("out")
-    p.add_argument("--train-clips", type=int, default=256)
-    p.add_argument("--validation-clips", type=int, default=24)
-    p.add_argument("--test-clips", type=int, default=24)
-    p.add_argument("--shards", type=int, default=2)
-    p.add_argument("--long-clips", type=int, default=1, help="clips over 30 s per split")
-    p.add_argument("--seed", type=int, default=0)
+    for name, field in SyntheticDataConfig.model_fields.items():  # the flags are the config section's fields
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=field.default,
+                       help=f"data.synthetic.{name} (default {field.default})")
     p.set_defaults(func=_make_synthetic_audiocaps)
 
     p = sub.add_parser("data", help="stream a split through the Ray Data pipeline and print a summary")
@@ -184,10 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--model", help="base, merged or adapter folder / hub id (default: model.name_or_path)")
     p.add_argument("--adapter", help="a LoRA adapter folder to apply on --model")
-    p.add_argument("--split", help="default: data.test_split")
+    p.add_argument("--split", help="eval.split (default: data.test_split)")
     p.add_argument("--out", help="where metrics.json and predictions.jsonl go (default: <output_dir>/eval)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N clips")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, help="eval.limit: evaluate only the first N clips")
+    p.add_argument("--batch-size", type=int, help="eval.batch_size")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base as a plain transformers folder")
@@ -198,36 +211,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("main", help="the main job: evaluate base, fine-tune, merge, evaluate, compare")
     add_config_args(p)
-    p.add_argument("--limit", type=int, help="evaluate only the first N test clips")
+    p.add_argument("--limit", type=int, help="eval.limit: evaluate only the first N test clips")
     p.set_defaults(func=_main_job)
 
     p = sub.add_parser("caption-batch", help="caption a folder, glob, manifest or parquet of clips with Ray Data "
                                              "(exactly once; a rerun resumes)")
-    p.add_argument("--model", help="merged or base model folder / hub id, or an adapter folder")
+    add_config_args(p)  # caption_batch.* from the preset or YAML, then key=value overrides, then these flags
     p.add_argument("--base", help="the base model for --adapter (same as --model)")
-    p.add_argument("--adapter", help="a LoRA adapter folder to apply on --model")
-    p.add_argument("--input", required=True, help="folder or glob of audio files, CSV/JSONL manifest (id, path), "
-                                                  "or parquet (AudioCaps layout); local or any fsspec URL")
-    p.add_argument("--output", required=True, help="folder of output shards; rerun with the same one to resume")
-    p.add_argument("--format", choices=["parquet", "jsonl"])
-    p.add_argument("--prompt", help="default: 'Describe the audio.'")
-    p.add_argument("--split", help="AudioCaps layout: caption only data/<split>-*.parquet")
-    p.add_argument("--batch-size", type=int, help="clips per generate call (default 8)")
-    p.add_argument("--actors", help="captioning actors: N, or MIN,MAX for an autoscaling pool (default 1)")
-    p.add_argument("--gpus-per-actor", type=float, help="default: 1 when the cluster has GPUs, else 0")
-    p.add_argument("--cpus-per-actor", type=float)
-    p.add_argument("--max-new-tokens", type=int, help="default 64")
-    p.add_argument("--max-seconds", type=float, help="longer clips become too_long errors (default 600)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--shard-rows", type=int, help="rows per output shard (default 1000)")
-    p.add_argument("--flush-seconds", type=float, help="also write a shard this often (default 60)")
-    p.add_argument("--limit", type=int, help="caption at most N new inputs")
-    p.add_argument("--retry-errors", action="store_true", default=None,
-                   help="also recaption ids whose stored error is transient (unreadable, timeout, "
-                        "generation_failed); the new row replaces the old one")
-    p.add_argument("--lock-stale-seconds", type=float,
-                   help="take over the output's lock when its heartbeat is this old (default 300; a dead "
-                        "run on this host is taken over at once)")
+    kinds = {"batch_size": int, "gpus_per_actor": float, "cpus_per_actor": float, "max_new_tokens": int,
+             "max_seconds": float, "max_file_mb": float, "shard_rows": int, "flush_seconds": float, "limit": int,
+             "lock_stale_seconds": float, "cpus_per_task": float, "read_batch_size": int, "bucket_batches": int,
+             "progress_seconds": float}
+    for name, field in CaptionBatchConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_ = f"caption_batch.{name}" + (f": {field.description}" if field.description else "") + \
+            f" (default {field.default!r})"
+        if name == "retry_errors":
+            p.add_argument(flag, action="store_true", default=None, help=help_)
+        else:
+            p.add_argument(flag, type=kinds.get(name, str), help=help_)
     p.add_argument("--ray-address", help="default: $RAY_ADDRESS, else a local Ray instance")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance")
     p.set_defaults(func=_caption_batch)

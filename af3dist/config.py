@@ -14,7 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from af3dist import storage
+
 PRESETS_PACKAGE = "af3dist.presets"
+# The one default instruction: training, evaluation, batch captioning, serving and `Captioner` all use it.
+DEFAULT_PROMPT = "Describe the audio."
 
 
 class ConfigError(ValueError):
@@ -28,15 +32,13 @@ class _Section(BaseModel):
 def expand_path(value: str) -> str:
     """Local paths become absolute (`~` and `$VARS` expanded): Ray workers run in other directories.
     URLs (s3://, hf://, ...) pass through unchanged."""
-    if "://" in value:
-        return value
-    return os.path.abspath(os.path.expanduser(os.path.expandvars(value)))
+    return storage.absolute(value)
 
 
 def expand_model_path(value: str) -> str:
     """A hub id (org/name) stays as it is; anything that looks like or is a local path is made absolute."""
     expanded = os.path.expanduser(os.path.expandvars(value))
-    if "://" in value or not (os.path.exists(expanded) or value.startswith((".", "/", "~", "$"))):
+    if storage.is_remote(value) or not (os.path.exists(expanded) or value.startswith((".", "/", "~", "$"))):
         return value
     return os.path.abspath(expanded)
 
@@ -89,7 +91,7 @@ class DataConfig(_Section):
     train_split: str = "train"
     eval_split: str = "validation"
     test_split: str = "test"
-    prompt: str = "Describe the audio."
+    prompt: str = DEFAULT_PROMPT
     max_audio_seconds: float = Field(30.0, gt=0, description="longer clips are dropped as too_long")
     resample_quality: Literal["VHQ", "HQ", "MQ", "LQ", "QQ"] = "HQ"
     decode_batch_size: int = Field(16, ge=1, description="rows a data task decodes and hands on at a time "
@@ -146,7 +148,6 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1, description="top K by validation loss")
     eval_caption_clips: int = Field(16, ge=0, description="validation clips captioned for metrics")
-    max_new_tokens: int = Field(32, ge=1)
     max_failures: int = Field(2, ge=0, description="worker failures survived by restoring the last checkpoint")
     run_name: str | None = None  # default: the output dir's name
     storage_path: str | None = None  # default: <output_dir>/ray_results; a URI (s3://...) on clusters
@@ -172,7 +173,12 @@ class ServeConfig(_Section):
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     # Limits on what one request may ask for.
-    max_audio_seconds: float = Field(30.0, gt=0)
+    max_audio_seconds: float = Field(30.0, gt=0, description="duration of one audio clip")
+    max_audios_per_request: int = Field(4, ge=1, description="audio parts in one chat request, all user turns "
+                                                             "together")
+    max_request_audio_seconds: float = Field(60.0, gt=0, description="duration of all of a request's clips "
+                                                                     "together (N clips must not cost N times "
+                                                                     "max_audio_seconds)")
     max_body_mb: float = Field(25.0, gt=0, description="request body (and fetched audio file) size limit")
     default_max_tokens: int = Field(64, ge=1)
     max_tokens_limit: int = Field(256, ge=1)
@@ -221,7 +227,10 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(32, ge=1)
     cpus_per_replica: float = Field(1.0, ge=0)
     gpus_per_replica: float = Field(0.0, ge=0)
+    graceful_shutdown_timeout_s: float = Field(30.0, gt=0, description="how long a stopping replica may finish "
+                                                                     "its requests")
     ingress_replicas: int = Field(1, ge=1)
+    ingress_cpus: float = Field(0.25, ge=0, description="CPUs per gateway replica")
     ingress_max_ongoing_requests: int = Field(256, ge=1, description="concurrent requests per gateway replica")
 
     _expand_adapters = field_validator("adapters")(lambda cls, v: {k: expand_path(p) for k, p in v.items()})
@@ -262,11 +271,92 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(None, ge=1, description="only for a local instance")
 
 
+class EvalConfig(_Section):
+    """Captioning a split to score it: `af3dist evaluate`, the main job's before/after evaluations, and the
+    caption metrics during training (`train.eval_caption_clips` clips of the validation split)."""
+
+    split: str | None = Field(None, description="default: data.test_split")
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N clips")
+    batch_size: int = Field(8, ge=1, description="clips per generation batch")
+    actors: int = Field(1, ge=1, description="captioning actors")
+    use_gpu: bool = False
+    cpus_per_actor: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class CaptionBatchConfig(_Section):
+    """Offline batch captioning (`af3dist caption-batch`, `ray_jobs.batch_caption`): every setting of a run,
+    validated in the driver before anything starts. `model`, `input` and `output` have no preset value: a
+    run names them (flags or `caption_batch.*=` overrides)."""
+
+    model: str | None = Field(None, description="merged or base model folder / hub id, or an adapter folder")
+    adapter: str | None = None
+    input: str | None = Field(None, description="folder or glob of audio files, CSV/JSONL manifest, or parquet")
+    output: str | None = Field(None, description="folder of output shards; rerun with the same one to resume")
+    format: Literal["parquet", "jsonl"] = "parquet"
+    prompt: str = DEFAULT_PROMPT
+    split: str | None = Field(None, description="AudioCaps layout: caption data/<split>-*.parquet only")
+    batch_size: int = Field(8, ge=1, description="clips per generate call")
+    bucket_batches: int = Field(4, ge=1, description="batches per actor call, sorted by length first")
+    actors: tuple[int, int] = Field((1, 1), description="(min, max) captioning actors")
+    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
+    cpus_per_actor: float | None = Field(None, gt=0, description="default: 1, less on a small CPU-only cluster")
+    cpus_per_task: float = Field(0.25, gt=0, description="CPUs per read/decode/featurize task")
+    read_batch_size: int = Field(16, ge=1, description="rows per read/decode/featurize batch")
+    max_new_tokens: int = Field(64, ge=1)
+    max_seconds: float = Field(600.0, gt=0, description="longer clips become too_long errors (AF3: 600 s)")
+    max_file_mb: float = Field(512.0, gt=0, description="larger files become too_long errors unread")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    shard_rows: int = Field(1000, ge=1)
+    flush_seconds: float = Field(60.0, gt=0, description="also write a shard this often (bounds lost work)")
+    progress_seconds: float = Field(10.0, gt=0)
+    limit: int | None = Field(None, ge=1, description="caption at most this many new inputs")
+    retry_errors: bool = Field(False, description="also recaption ids whose stored error is transient "
+                                                  "(unreadable, timeout, generation_failed)")
+    lock_stale_seconds: float = Field(300.0, gt=0, description="take over an output lock whose heartbeat is "
+                                                               "this old (captioning.lock.STALE_SECONDS)")
+
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _actors(cls, v: Any) -> Any:
+        if isinstance(v, int):
+            return (v, v)
+        if isinstance(v, str):
+            parts = v.replace("-", ",").split(",")
+            return (int(parts[0]), int(parts[-1]))
+        return v
+
+    @field_validator("actors")
+    @classmethod
+    def _actors_range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError(f"need 1 <= min <= max actors, got {v}")
+        return v
+
+    _paths = field_validator("input", "output")(lambda cls, v: v if v is None else expand_path(v))
+
+    def require_run_fields(self) -> None:
+        """A run needs a model, an input and an output (ConfigError naming the missing ones)."""
+        missing = [f"caption_batch.{n}" for n in ("model", "input", "output") if getattr(self, n) is None]
+        if missing:
+            raise ConfigError(f"batch captioning needs {', '.join(missing)}")
+
+    @classmethod
+    def make(cls, **kwargs: Any) -> "CaptionBatchConfig":
+        """Validate, turning pydantic's error into a ConfigError that names the field."""
+        try:
+            return cls(**kwargs)
+        except ValidationError as err:
+            raise ConfigError(format_errors(err, cls)) from None
+
+
 class Config(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    caption_batch: CaptionBatchConfig = CaptionBatchConfig()
     ray: RayConfig = RayConfig()
     serve: ServeConfig = ServeConfig()
     output_dir: str = "outputs/run"

@@ -9,17 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import ray
 
-from af3dist.assets import prepare_embedded
+from af3dist import storage
 from af3dist.cluster import init_ray
 from af3dist.config import Config
 from af3dist.data.batching import collate, iter_bucketed
 from af3dist.data.errors import DataQualityError, ErrorLedger
 from af3dist.data.features import IGNORE_INDEX, load_processor
 from af3dist.data.pipeline import build_dataset
+from af3dist.embedded.assets import prepare_embedded
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,7 @@ def run_data_pipeline(cfg: Config, split: str | None = None, batch_size: int = 8
         failure = e
     elapsed = time.perf_counter() - start
 
-    errors_path = str(Path(cfg.output_dir) / "data_errors.jsonl") if "://" not in cfg.output_dir \
-        else f"{cfg.output_dir.rstrip('/')}/data_errors.jsonl"
+    errors_path = storage.join(cfg.output_dir, "data_errors.jsonl")
     ray.get(ledger.write.remote(errors_path))
     counts = ray.get(ledger.get_summary.remote())
     message = ray.get(ledger.final_check.remote())

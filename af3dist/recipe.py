@@ -28,19 +28,19 @@ def metrics_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-def run_main(cfg: Config, limit: int | None = None) -> dict:
+def run_main(cfg: Config) -> dict:
     """before-eval -> fine-tune -> merge -> after-eval on the test split; writes <output_dir>/summary.json."""
     out = Path(cfg.output_dir)
     start = time.perf_counter()
     print("[main] 1/4 evaluating the base model", flush=True)
-    before = evaluate(cfg, cfg.model.name_or_path, str(out / "eval_base"), limit=limit)
+    before = evaluate(cfg, cfg.model.name_or_path, str(out / "eval_base"))
     print("[main] 2/4 fine-tuning", flush=True)
     trained = finetune(cfg)
     print("[main] 3/4 merging the adapter", flush=True)
     merged = merge_adapter(trained["adapter"], str(out / "merged"),
                            dtype=resolve_dtype(cfg.model.dtype, cfg.train.use_gpu))
     print("[main] 4/4 evaluating the merged model", flush=True)
-    after = evaluate(cfg, str(merged), str(out / "eval_merged"), limit=limit)
+    after = evaluate(cfg, str(merged), str(out / "eval_merged"))
     summary = {"before": before, "after": after, "adapter": trained["adapter"], "merged": str(merged),
                "train_metrics": trained["metrics"], "data": trained["data"],
                "wall_s": round(time.perf_counter() - start, 1)}

@@ -21,7 +21,6 @@ scaling_2_vs_1, plus the end-to-end rates and the machine's load.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -34,10 +33,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import emit, machine_note  # noqa: E402
 
 
 def write_clips(folder: Path, n: int, seed: int) -> list[Path]:
-    from af3dist.data.synthetic import plan_clips
+    from af3dist.embedded.plan import plan_clips
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -76,10 +77,11 @@ def job_run(model_dir: str, folder: Path, out: Path, actors: int, batch_size: in
             limit: int | None = None) -> dict:
     import psutil
 
-    from af3dist.captioning.job import BatchCaptionConfig, run_batch_caption
+    from af3dist.captioning.job import run_batch_caption
+    from af3dist.config import CaptionBatchConfig
 
     shutil.rmtree(out, ignore_errors=True)
-    cfg = BatchCaptionConfig.make(model=model_dir, input=str(folder), output=str(out), actors=actors,
+    cfg = CaptionBatchConfig.make(model=model_dir, input=str(folder), output=str(out), actors=actors,
                                   batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
                                   progress_seconds=5)
     psutil.cpu_percent()  # starts the machine-wide measurement
@@ -96,7 +98,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from af3dist.assets import prepare_embedded
+    from af3dist.embedded.assets import prepare_embedded
     from af3dist.config import load_config
 
     cfg = load_config("tiny")
@@ -142,7 +144,7 @@ def main() -> None:
             "vs_naive": round(rate[2] / naive_rate, 2),
             "scaling_2_vs_1": round(rate[2] / rate[1], 2),
         }
-        print(json.dumps(result))
+        emit("batch_caption", {**result, **machine_note()})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -18,20 +18,21 @@ The last line is one JSON object: hf_b<N>_tok_s, engine_b<N>_tok_s, engine_vs_hf
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from af3dist.config import DEFAULT_PROMPT  # noqa: E402
+from harness import best_of, emit, machine_note  # noqa: E402
 from af3dist.data.batching import collate_prompts  # noqa: E402
 from af3dist.generation import GenerationEngine, GenRequest  # noqa: E402
 from af3dist.inference import generate_tokens  # noqa: E402
@@ -39,17 +40,18 @@ from af3dist.inference import generate_tokens  # noqa: E402
 
 def tiny_setup(n: int):
     """(model, tokenizer, n featurized rows) with the tiny AF3 on CPU."""
-    from af3dist.assets import tokenizer_corpus
+    from af3dist.embedded.assets import tokenizer_corpus
     from af3dist.config import TinyModelConfig
     from af3dist.data.features import Featurizer, load_processor
-    from af3dist.data.synthetic import all_labels, generate_clip
+    from af3dist.embedded.captions import all_labels
+    from af3dist.embedded.sounds import generate_clip
     from af3dist.model.loading import load_model
-    from af3dist.model.tiny import build_tiny_model
+    from af3dist.embedded.tiny_model import build_tiny_model
 
     folder = Path(tempfile.mkdtemp(prefix="af3dist-genbench-")) / "tiny-af3"
-    build_tiny_model(folder, TinyModelConfig(), tokenizer_corpus("Describe the audio."))
+    build_tiny_model(folder, TinyModelConfig(), tokenizer_corpus(DEFAULT_PROMPT))
     processor = load_processor(str(folder))
-    featurizer = Featurizer(processor, "Describe the audio.")
+    featurizer = Featurizer(processor, DEFAULT_PROMPT)
     rng, labels = np.random.default_rng(0), all_labels()
     seconds = rng.uniform(1.5, 10, n)
     rows = [featurizer.generation_inputs(_mono(generate_clip(rng, labels[i % len(labels)], float(seconds[i]),
@@ -64,7 +66,6 @@ def _mono(clip: np.ndarray) -> np.ndarray:
 
 def full_setup(n: int):
     """(model, tokenizer stand-in, n rows) with the full-size architecture, random weights, bf16, on CUDA."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_full_size import IM_END, PAD_ID, af3_config, clip_row, random_af3
 
     class Tokens:  # the ids the engine needs; text is not decoded meaningfully with random weights
@@ -91,22 +92,6 @@ def full_setup(n: int):
     return model, Tokens(), rows, device
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def best_time(fn, repeats: int, device: torch.device):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=["tiny", "full"], default="tiny")
@@ -118,6 +103,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok, rows, device = (tiny_setup if args.size == "tiny" else full_setup)(max(args.batches))
     model = model.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id
     dtype = next(model.parameters()).dtype
     figures: dict = {"size": args.size, "max_tokens": args.max_tokens, "device": device.type}
@@ -130,8 +116,8 @@ def main() -> None:
         hf = lambda: generate_tokens(model, inputs, args.max_tokens, eos, pad)  # noqa: E731
         ours = lambda: engine.generate([GenRequest(r, args.max_tokens) for r in batch])  # noqa: E731
         hf(), ours()  # warm-up (and the engine's KV cache)
-        hf_s, hf_out = best_time(hf, args.repeats, device)
-        en_s, en_out = best_time(ours, args.repeats, device)
+        hf_s, hf_out = best_of(hf, args.repeats, sync)
+        en_s, en_out = best_of(ours, args.repeats, sync)
         hf_tokens = sum(len(t) for t, _ in hf_out)
         en_tokens = sum(len(r.token_ids) for r in en_out)
         same = sum(r.token_ids == t for r, (t, _) in zip(en_out, hf_out))
@@ -142,7 +128,7 @@ def main() -> None:
         print(f"batch {b:3d}: generate {hf_s * 1e3:8.1f} ms ({hf_tokens} tokens), engine {en_s * 1e3:8.1f} ms "
               f"({en_tokens} tokens), {same}/{b} rows equal", flush=True)
     figures["tokens_equal"] = f"{equal}/{total}"
-    print(json.dumps(figures))
+    emit("generation", {**figures, **machine_note()})
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -37,6 +36,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import emit  # noqa: E402
 
 from af3dist.config import load_config  # noqa: E402
 from af3dist.data.batching import collate, collate_prompts  # noqa: E402
@@ -421,10 +423,7 @@ def main() -> None:
             result[f"{name}_error"] = f"{type(err).__name__}: {err}"
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    line = json.dumps(result)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_full_size.json").write_text(line + "\n")
-    print(line, flush=True)
+    emit("gpu_full_size", result)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -30,6 +29,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import emit  # noqa: E402
 
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 dense bf16 datasheet
 FULL = dict(audio_hidden_size=1280, audio_layers=32, audio_heads=20, audio_intermediate_size=5120,
@@ -39,14 +41,14 @@ FULL = dict(audio_hidden_size=1280, audio_layers=32, audio_heads=20, audio_inter
 def build(workdir: Path, size: str, clips: int) -> tuple[Path, Path, float]:
     import torch
 
-    from af3dist.assets import tokenizer_corpus
-    from af3dist.config import TinyModelConfig
-    from af3dist.data.synthetic import make_synthetic_audiocaps
-    from af3dist.model.tiny import build_tiny_model
+    from af3dist.embedded.assets import tokenizer_corpus
+    from af3dist.config import DEFAULT_PROMPT, TinyModelConfig
+    from af3dist.embedded.audiocaps import make_synthetic_audiocaps
+    from af3dist.embedded.tiny_model import build_tiny_model
 
     start = time.perf_counter()
     sizes = FULL if size == "full" else {}
-    model = build_tiny_model(workdir / "model", TinyModelConfig(**sizes), tokenizer_corpus("Describe the audio."),
+    model = build_tiny_model(workdir / "model", TinyModelConfig(**sizes), tokenizer_corpus(DEFAULT_PROMPT),
                              dtype=torch.bfloat16 if size == "full" else torch.float32)
     data = workdir / "audiocaps"
     make_synthetic_audiocaps(data, train_clips=clips, validation_clips=8, test_clips=8, shards=2, long_clips=0)
@@ -115,10 +117,7 @@ def main() -> None:
         result["mfu_lower_bound"] = round(flops / 1e12 / PEAK_BF16_TFLOPS, 4) if on_gpu else None
     checkpoints = sorted(p.name for p in (out / "ray_results").rglob("checkpoint_*") if p.is_dir())
     result["checkpoints"] = checkpoints
-    line = json.dumps(result)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_real_job.json").write_text(line + "\n")
-    print(line, flush=True)
+    emit("gpu_real_job", result)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import emit, machine_note  # noqa: E402
+
 GLOBAL_BATCH = 16
-PROMPT = "Describe the audio."
+from af3dist.config import DEFAULT_PROMPT as PROMPT  # noqa: E402
 
 SEED = r'''
 import io, json, sys, time, glob
@@ -110,10 +113,10 @@ def main() -> None:
     parser.add_argument("--skip-seed", action="store_true", help="measure only ours (no vs_seed)")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="af3dist-train-bench-"))
-    from af3dist.assets import tokenizer_corpus
+    from af3dist.embedded.assets import tokenizer_corpus
     from af3dist.config import TinyModelConfig
-    from af3dist.data.synthetic import make_synthetic_audiocaps
-    from af3dist.model.tiny import ensure_tiny_model
+    from af3dist.embedded.audiocaps import make_synthetic_audiocaps
+    from af3dist.embedded.tiny_model import ensure_tiny_model
 
     model_dir = str(ensure_tiny_model(work / "tiny-af3", TinyModelConfig(), tokenizer_corpus(PROMPT)))
     data_dir = str(work / "audiocaps")
@@ -125,10 +128,10 @@ def main() -> None:
     print(f"[bench] af3dist (Ray Train + DeepSpeed ZeRO-2, 2 workers x {GLOBAL_BATCH // 2})", flush=True)
     ours, wait = run_ours(model_dir, data_dir, args.steps, args.skip, work, args.set)
     print(f"[bench] ours: {ours:.2f} samples/s, data wait {wait:.0%}", flush=True)
-    print(json.dumps({"seed_samples_per_s": round(seed, 3), "ours_samples_per_s": round(ours, 3),
-                      "vs_seed": round(ours / seed, 3), "data_wait_fraction": round(wait, 3),
-                      "global_batch": GLOBAL_BATCH, "steps": args.steps, "skipped_steps": args.skip,
-                      "overrides": args.set}))
+    emit("train_throughput", {"seed_samples_per_s": round(seed, 3), "ours_samples_per_s": round(ours, 3),
+                              "vs_seed": round(ours / seed, 3), "data_wait_fraction": round(wait, 3),
+                              "global_batch": GLOBAL_BATCH, "steps": args.steps, "skipped_steps": args.skip,
+                              "overrides": args.set, **machine_note()})
 
 
 if __name__ == "__main__":

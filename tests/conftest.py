@@ -16,9 +16,9 @@ SMALL_DATA = dict(train_clips=24, validation_clips=6, test_clips=6, shards=2, lo
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from af3dist.assets import tokenizer_corpus
+    from af3dist.embedded.assets import tokenizer_corpus
     from af3dist.config import TinyModelConfig
-    from af3dist.model.tiny import build_tiny_model
+    from af3dist.embedded.tiny_model import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-af3", TinyModelConfig(),
                                 tokenizer_corpus("Describe the audio.")))
@@ -26,7 +26,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
-    from af3dist.data.synthetic import make_synthetic_audiocaps
+    from af3dist.embedded.audiocaps import make_synthetic_audiocaps
 
     out = tmp_path_factory.mktemp("data") / "audiocaps"
     make_synthetic_audiocaps(out, **SMALL_DATA)

@@ -5,7 +5,7 @@ import pytest
 import soundfile as sf
 
 from af3dist.data.audio import ClipError, load_waveform, sniff_format, waveform_from_array
-from af3dist.data.synthetic import encode_audio
+from af3dist.embedded.encoding import encode_audio
 
 
 def _tone(sr: int, seconds: float, channels: int, amp: float = 0.5, freq: float = 1000.0) -> np.ndarray:

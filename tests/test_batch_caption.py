@@ -18,13 +18,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from af3dist.captioning.inputs import plan_inputs
-from af3dist.captioning.job import BatchCaptionConfig, error_reason, run_batch_caption
+from af3dist.captioning.job import error_reason, run_batch_caption
+from af3dist.config import CaptionBatchConfig
 from af3dist.captioning.lock import LOCK_FILE, OutputLock, OutputLocked
 from af3dist.captioning.shards import (
     OUTPUT_COLUMNS, SUMMARY_FILE, ShardWriter, list_shards, read_done_ids, read_output, remove_temp_files,
 )
 from af3dist.config import ConfigError
-from af3dist.data.synthetic import FORMATS, SAMPLE_RATES, SOUND_CLASSES, encode_audio, generate_clip
+from af3dist.embedded.captions import SOUND_CLASSES
+from af3dist.embedded.encoding import FORMATS, encode_audio
+from af3dist.embedded.plan import SAMPLE_RATES
+from af3dist.embedded.sounds import generate_clip
 
 TOKENS = 8  # max_new_tokens: enough to compare captions, cheap on 2 busy cores
 
@@ -59,9 +63,9 @@ def plant_bad_files(folder: Path) -> None:
     os.mkfifo(folder / "bad_fifo.wav")  # opening it would block its read task forever
 
 
-def job(tiny_model_dir, input, output, **kw) -> BatchCaptionConfig:
+def job(tiny_model_dir, input, output, **kw) -> CaptionBatchConfig:
     kw = {"max_new_tokens": TOKENS, "max_seconds": 4, "progress_seconds": 2, **kw}
-    return BatchCaptionConfig.make(model=tiny_model_dir, input=str(input), output=str(output), **kw)
+    return CaptionBatchConfig.make(model=tiny_model_dir, input=str(input), output=str(output), **kw)
 
 
 def reference_captions(tiny_model_dir, files: dict[str, Path]) -> dict[str, str]:
@@ -130,12 +134,12 @@ def test_shards_appear_whole_and_temp_files_are_ignored(tmp_path, monkeypatch):
     writer.add(rows)
     assert [Path(p).name for p in list_shards(str(out))] == ["part-r1-00000.parquet", "part-r1-00001.parquet"]
     # a write that dies halfway leaves no shard behind, and a temp file of a killed run is never read
-    import af3dist.captioning.shards as shards
+    import af3dist.storage as storage  # the one writer every shard goes through
 
     def dying_replace(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(shards.os, "replace", dying_replace)
+    monkeypatch.setattr(storage.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
         writer.flush()
     monkeypatch.undo()
@@ -259,7 +263,7 @@ def test_killed_run_resumes_and_every_clip_is_written_exactly_once(tiny_model_di
     assert first.poll() is None, f"the first run ended before it could be killed: {first.stderr.read()[-2000:]}"
 
     # a second run on the same output while the first is running refuses at once, naming the holder
-    cfg = BatchCaptionConfig.make(model=tiny_model_dir, input=str(audio), output=str(out), batch_size=2,
+    cfg = CaptionBatchConfig.make(model=tiny_model_dir, input=str(audio), output=str(out), batch_size=2,
                                   shard_rows=4, max_new_tokens=32, max_seconds=4)
     started = time.time()
     with pytest.raises(OutputLocked, match=f"pid {first.pid},"):

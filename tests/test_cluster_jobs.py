@@ -236,9 +236,8 @@ def test_serve_deploy_answers_a_caption_over_http(cluster, tiny_model_dir, tmp_p
     config["proxy_location"] = "HeadOnly"
     config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": port}
     (app,) = config["applications"]
-    app["args"] = {**app["args"], "model": tiny_model_dir}
-    for d in app.get("deployments", []):
-        d["ray_actor_options"] = {**d.get("ray_actor_options", {}), "num_gpus": 0}
+    app["args"] = {**app["args"], "model": tiny_model_dir,
+                   "overrides": [*app["args"].get("overrides", []), "serve.gpus_per_replica=0"]}
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 

@@ -412,16 +412,38 @@ def test_cluster_launcher_config_validates_against_rays_schema():
         validate_config(prepare_config({**copy.deepcopy(config), "max_worker": 3}))
 
 
+def _app_options(app: dict) -> dict:
+    """The deployment options Serve gets for one application of a Serve config file: what the builder
+    derives from the app's `config` and `overrides`."""
+    from af3dist.config import load_config
+    from af3dist.server.app import deployment_options
+
+    return deployment_options(load_config(app["args"]["config"], app["args"].get("overrides")).serve)
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.tiny.yaml"])
+def test_serve_config_files_state_deployments_through_the_config(name):
+    """A Serve config file has no `deployments` entries to disagree with af3dist's config: its replicas,
+    resources and batch settings are `serve.*` overrides, which the config validates and the builder turns
+    into both deployments' options."""
+    config = yaml.safe_load((REPO / "serving" / name).read_text())
+    (app,) = config["applications"]
+    assert "deployments" not in app, f"{name}: state deployment options as serve.* overrides instead"
+    options = _app_options(app)
+    gpus = options["AF3Model"]["ray_actor_options"]["num_gpus"]
+    assert gpus == (1 if name == "serve_config.yaml" else 0)
+    assert options["AF3Model"]["autoscaling_config"]["max_replicas"] >= 2  # both files autoscale
+    assert options["Gateway"]["max_ongoing_requests"] > options["AF3Model"]["max_ongoing_requests"]
+
+
 def test_rayservice_cluster_can_hold_the_serve_autoscaling_maximum():
     """Each GPU replica needs a GPU worker pod: maxReplicas must allow Serve's max_replicas."""
     (service,) = ray_objects("RayService")
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     gpus_wanted = 0
     for app in config["applications"]:
-        for d in app.get("deployments", []):
-            gpus = (d.get("ray_actor_options") or {}).get("num_gpus", 0)
-            replicas = (d.get("autoscaling_config") or {}).get("max_replicas", d.get("num_replicas", 1))
-            gpus_wanted += gpus * replicas
+        model = _app_options(app)["AF3Model"]
+        gpus_wanted += model["ray_actor_options"]["num_gpus"] * model["autoscaling_config"]["max_replicas"]
     groups = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     gpus_max = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
                    * g["maxReplicas"] for g in groups)

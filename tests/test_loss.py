@@ -11,7 +11,7 @@ import torch
 from af3dist.config import LoraConfig
 from af3dist.data.batching import collate, cut_batches
 from af3dist.data.features import Featurizer
-from af3dist.fsutil import building_folder
+from af3dist.storage import building_folder
 from af3dist.model.loading import add_lora, load_model
 from af3dist.training.loss import label_loss_sum, label_positions
 from af3dist.training.memory import activation_bytes, choose_gradient_checkpointing, micro_batch_tokens

@@ -7,7 +7,8 @@ from peft import PeftModel
 from transformers import AudioFlamingo3ForConditionalGeneration
 
 from af3dist.config import LoraConfig, TrainConfig
-from af3dist.data.synthetic import encode_audio, generate_clip
+from af3dist.embedded.encoding import encode_audio
+from af3dist.embedded.sounds import generate_clip
 from af3dist.inference import Captioner
 from af3dist.model.loading import add_lora, avoid_cudnn_attention, enable_gradient_checkpointing, load_model
 from af3dist.model.merge import merge_adapter

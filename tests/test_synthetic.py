@@ -1,4 +1,4 @@
-"""Tests for the synthetic OpenSound/AudioCaps generator (af3dist.data.synthetic)."""
+"""Tests for the synthetic OpenSound/AudioCaps generator (af3dist.embedded)."""
 
 from __future__ import annotations
 
@@ -14,22 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from af3dist.data import synthetic as syn
-from af3dist.data.synthetic import (
-    AUDIOCAPS_SCHEMA,
-    FORMATS,
-    SAMPLE_RATES,
-    SOUND_CLASSES,
-    all_labels,
-    caption_corpus,
-    captions_for,
-    encode_audio,
-    generate_clip,
-    label_for_caption,
-    make_synthetic_audiocaps,
-    plan_clips,
-    split_label,
-)
+from af3dist.embedded.audiocaps import AUDIOCAPS_SCHEMA, make_synthetic_audiocaps
+from af3dist.embedded.captions import (SOUND_CLASSES, all_labels, caption_corpus, captions_for, label_for_caption,
+                                       split_label)
+from af3dist.embedded.encoding import FORMATS, _normalize_ogg_serial, encode_audio
+from af3dist.embedded.plan import LONG_DURATION_S, SAMPLE_RATES, SHORT_DURATION_S, SPLITS, ClipSpec, plan_clips
+from af3dist.embedded.sounds import generate_clip
 
 SIZES = {"train_clips": 24, "validation_clips": 6, "test_clips": 6}
 SPLIT_SIZES = {"train": 24, "validation": 6, "test": 6}
@@ -50,14 +40,14 @@ def tables(dataset: tuple[Path, dict]) -> dict[str, list[dict]]:
     """Rows of every split, as python dicts (read once)."""
     out, _ = dataset
     rows: dict[str, list[dict]] = {}
-    for split in syn.SPLITS:
+    for split in SPLITS:
         files = sorted((out / "data").glob(f"{split}-*.parquet"))
         rows[split] = [r for f in files for r in pq.read_table(f).to_pylist()]
     return rows
 
 
 @pytest.fixture(scope="module")
-def specs_by_ytid() -> dict[str, syn.ClipSpec]:
+def specs_by_ytid() -> dict[str, ClipSpec]:
     return {
         s.youtube_id: s
         for split, n in SPLIT_SIZES.items()
@@ -162,7 +152,7 @@ def test_ids_unique_and_well_formed(tables: dict[str, list[dict]]) -> None:
 
 
 def test_audio_decodes_with_expected_properties_and_coverage(
-    tables: dict[str, list[dict]], specs_by_ytid: dict[str, syn.ClipSpec]
+    tables: dict[str, list[dict]], specs_by_ytid: dict[str, ClipSpec]
 ) -> None:
     seen_formats, seen_rates, seen_channels, long_seen = set(), set(), set(), 0
     for split, rows in tables.items():
@@ -186,7 +176,7 @@ def test_audio_decodes_with_expected_properties_and_coverage(
             tol = 0.1 if ext != "mp3" else 0.15
             assert abs(duration - spec.duration_s) < tol, (ext, duration, spec.duration_s)
             # the issue's lengths: 1-10 s, or a long clip of 31-40 s (over one 30 s window)
-            assert any(lo - tol <= duration <= hi + tol for lo, hi in (syn.SHORT_DURATION_S, syn.LONG_DURATION_S))
+            assert any(lo - tol <= duration <= hi + tol for lo, hi in (SHORT_DURATION_S, LONG_DURATION_S))
             peak = float(np.abs(data).max())
             assert 0.02 < peak < 1.0
             seen_formats.add(ext)
@@ -244,8 +234,8 @@ def test_ogg_serial_rewrite_preserves_valid_crcs() -> None:
     raw = buf.getvalue()
     serial = struct.unpack("<I", raw[14:18])[0]
     # Rewriting with the original serial must reproduce libsndfile's own page CRCs.
-    assert syn._normalize_ogg_serial(raw, serial) == raw
-    norm = syn._normalize_ogg_serial(raw)
+    assert _normalize_ogg_serial(raw, serial) == raw
+    norm = _normalize_ogg_serial(raw)
     assert sf.read(io.BytesIO(norm))[0].shape[0] == 4000
 
 
@@ -378,7 +368,7 @@ def test_caption_corpus_covers_dataset(tables: dict[str, list[dict]]) -> None:
 
 
 def test_embedded_dataset_is_rebuilt_when_its_settings_change_and_foreign_data_is_left_alone(tmp_path: Path) -> None:
-    from af3dist.assets import SYNTHETIC_MARKER, prepare_embedded
+    from af3dist.embedded.assets import SYNTHETIC_MARKER, prepare_embedded
     from af3dist.config import load_config
 
     def cfg(source: Path, train_clips: int):
@@ -402,3 +392,16 @@ def test_embedded_dataset_is_rebuilt_when_its_settings_change_and_foreign_data_i
     make_synthetic_audiocaps(foreign, train_clips=2, validation_clips=1, test_clips=1, shards=1, long_clips=0)
     prepare_embedded(cfg(foreign, 5))  # a dataset we did not build is never overwritten
     assert train_rows(foreign) == 2 and not (foreign / SYNTHETIC_MARKER).exists()
+
+
+def test_plan_clips_can_fix_format_rate_channels_and_length():
+    """Benchmarks want clips of one kind: fixed values replace the cycled ones; the rest of the plan is the
+    default plan's (labels, captions, ids), and an unknown format is refused."""
+    fixed = plan_clips("train", 9, seed=3, fmt="flac", sample_rate=48000, channels=2, duration_s=10.0)
+    default = plan_clips("train", 9, seed=3)
+    assert {(s.fmt, s.sample_rate, s.channels, s.duration_s) for s in fixed} == {("flac", 48000, 2, 10.0)}
+    assert [(s.label, s.captions, s.audiocap_ids) for s in fixed] == \
+        [(s.label, s.captions, s.audiocap_ids) for s in default]
+    assert fixed[0].render().shape == (480000, 2)
+    with pytest.raises(ValueError, match="unknown format"):
+        plan_clips("train", 1, fmt="aiff")

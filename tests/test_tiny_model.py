@@ -5,9 +5,9 @@ import numpy as np
 import torch
 from transformers import AudioFlamingo3ForConditionalGeneration, AudioFlamingo3Processor, AutoProcessor
 
-from af3dist.assets import tokenizer_corpus
+from af3dist.embedded.assets import tokenizer_corpus
 from af3dist.config import TinyModelConfig
-from af3dist.model.tiny import build_tiny_model, ensure_tiny_model
+from af3dist.embedded.tiny_model import build_tiny_model, ensure_tiny_model
 
 
 def test_loads_offline_with_the_real_classes(tiny_model_dir):

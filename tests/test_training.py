@@ -22,7 +22,7 @@ from af3dist.training.finetune import check_run, finetune, run_name, storage_pat
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
 QUICK = ["train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=1",
-         "train.eval_caption_clips=4", "train.max_new_tokens=8", "train.warmup_steps=1"]
+         "train.eval_caption_clips=4", "eval.max_new_tokens=8", "train.warmup_steps=1"]
 
 
 def _cfg(tiny_config, *overrides):

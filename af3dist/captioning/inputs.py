@@ -31,6 +31,7 @@ import fsspec
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from af3dist import storage
 from af3dist.config import ConfigError
 from af3dist.data.source import SplitFiles, clip_key, split_files
 
@@ -144,9 +145,8 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
 def _manifest_location(fs: fsspec.AbstractFileSystem, folder: str, where: str) -> str | None:
     """Where a worker reads a manifest entry: relative paths are relative to the manifest; a URL of the
     manifest's own protocol is read on that filesystem; None for a URL of any other scheme."""
-    if "://" in where:
-        scheme = where.split("://", 1)[0].lower()
-        if scheme not in _protocols(fs):
+    if storage.is_remote(where):
+        if storage.scheme(where) not in _protocols(fs):
             return None
         where = fsspec.core.strip_protocol(where)
     full = where if where.startswith("/") else posixpath.join(folder, where)

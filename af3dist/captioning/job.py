@@ -28,22 +28,21 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import ray
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from af3dist.captioning.inputs import InputPlan, check_output_outside_input, plan_inputs
-from af3dist.captioning.lock import STALE_SECONDS, OutputLock
+from af3dist.captioning.lock import OutputLock
 from af3dist.captioning.shards import (
     SUMMARY_FILE, ShardWriter, compact_output, read_done_ids, read_output, remove_temp_files, write_atomic,
 )
 from af3dist.cluster import init_ray
-from af3dist.config import ConfigError, RayConfig, expand_path, format_errors
+from af3dist.config import CaptionBatchConfig, ConfigError, RayConfig
 from af3dist.data.audio import (
     TARGET_SAMPLING_RATE, TRANSIENT_REASONS, ClipError, load_waveform, read_audio_file,
 )
 from af3dist.data.batching import length_key, rows_of
 from af3dist.data.features import Featurizer, load_processor
 from af3dist.data.pipeline import ragged, row_group_rows, units_dataset
-from af3dist.inference import DEFAULT_PROMPT, CaptionPredictor
+from af3dist.inference import CaptionPredictor
 from af3dist.model.loading import resolve_model
 
 log = logging.getLogger(__name__)
@@ -51,67 +50,6 @@ log = logging.getLogger(__name__)
 # What the model stage needs per row (CaptionPredictor's input), besides the id.
 MODEL_COLUMNS = ["input_ids", "input_features", "input_features_mask", "num_windows", "num_tokens"]
 MAX_INPUT_BLOCKS = 4096
-
-
-class BatchCaptionConfig(BaseModel):
-    """Everything a batch captioning run needs; validated in the driver before anything starts."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    model: str = Field(description="merged or base model folder / hub id, or an adapter folder")
-    adapter: str | None = None
-    input: str
-    output: str
-    format: Literal["parquet", "jsonl"] = "parquet"
-    prompt: str = DEFAULT_PROMPT
-    split: str | None = Field(None, description="AudioCaps layout: caption data/<split>-*.parquet only")
-    batch_size: int = Field(8, ge=1, description="clips per generate call")
-    bucket_batches: int = Field(4, ge=1, description="batches per actor call, sorted by length first")
-    actors: tuple[int, int] = Field((1, 1), description="(min, max) captioning actors")
-    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
-    cpus_per_actor: float | None = Field(None, gt=0, description="default: 1, less on a small CPU-only cluster")
-    cpus_per_task: float = Field(0.25, gt=0, description="CPUs per read/decode/featurize task")
-    read_batch_size: int = Field(16, ge=1, description="rows per read/decode/featurize batch")
-    max_new_tokens: int = Field(64, ge=1)
-    max_seconds: float = Field(600.0, gt=0, description="longer clips become too_long errors (AF3: 600 s)")
-    max_file_mb: float = Field(512.0, gt=0, description="larger files become too_long errors unread")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    shard_rows: int = Field(1000, ge=1)
-    flush_seconds: float = Field(60.0, gt=0, description="also write a shard this often (bounds lost work)")
-    progress_seconds: float = Field(10.0, gt=0)
-    limit: int | None = Field(None, ge=1, description="caption at most this many new inputs")
-    retry_errors: bool = Field(False, description="also recaption ids whose stored error is transient "
-                                                  "(unreadable, timeout, generation_failed)")
-    lock_stale_seconds: float = Field(STALE_SECONDS, gt=0, description="take over an output lock whose "
-                                                                      "heartbeat is this old")
-    ray: RayConfig = RayConfig()
-
-    @field_validator("actors", mode="before")
-    @classmethod
-    def _actors(cls, v: Any) -> Any:
-        if isinstance(v, int):
-            return (v, v)
-        if isinstance(v, str):
-            parts = v.replace("-", ",").split(",")
-            return (int(parts[0]), int(parts[-1]))
-        return v
-
-    @field_validator("actors")
-    @classmethod
-    def _actors_range(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if not 1 <= v[0] <= v[1]:
-            raise ValueError(f"need 1 <= min <= max actors, got {v}")
-        return v
-
-    _paths = field_validator("input", "output")(lambda cls, v: expand_path(v))
-
-    @classmethod
-    def make(cls, **kwargs: Any) -> "BatchCaptionConfig":
-        """Validate, turning pydantic's error into a ConfigError that names the field."""
-        try:
-            return cls(**kwargs)
-        except ValidationError as err:
-            raise ConfigError(format_errors(err, cls)) from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -287,7 +225,7 @@ def _cluster_resources() -> tuple[float, float]:
     return float(res.get("CPU", 0)), float(res.get("GPU", 0))
 
 
-def actor_resources(cfg: BatchCaptionConfig) -> tuple[float, float]:
+def actor_resources(cfg: CaptionBatchConfig) -> tuple[float, float]:
     """(CPUs, GPUs) per captioning actor. On a CPU-only cluster the actors together leave a share of the
     CPUs to the read/decode stages, which would otherwise never be scheduled."""
     cpus, gpus = _cluster_resources()
@@ -299,7 +237,7 @@ def actor_resources(cfg: BatchCaptionConfig) -> tuple[float, float]:
     return max(0.1, min(1.0, (cpus - 2 * cfg.cpus_per_task) / cfg.actors[1])), n_gpus
 
 
-def build_pipeline(cfg: BatchCaptionConfig, plan: InputPlan, todo: list[int], processor: str, model: str,
+def build_pipeline(cfg: CaptionBatchConfig, plan: InputPlan, todo: list[int], processor: str, model: str,
                    adapter: str | None) -> ray.data.Dataset:
     """The Ray Data pipeline over the plan's inputs at positions `todo`, ending in output columns."""
     task = dict(batch_format="numpy", num_cpus=cfg.cpus_per_task, batch_size=cfg.read_batch_size)
@@ -398,7 +336,7 @@ def is_transient(error: str | None) -> bool:
     return bool(error) and error_reason(error) in TRANSIENT_REASONS
 
 
-def _done_ids(cfg: BatchCaptionConfig, printer) -> tuple[set[str], int]:
+def _done_ids(cfg: CaptionBatchConfig, printer) -> tuple[set[str], int]:
     """(ids the output already settles, how many of its error rows this run retries); warns when the
     output holds rows of another model or prompt."""
     existing = read_output(cfg.output, ["id", "model", "prompt", "error"])
@@ -416,7 +354,7 @@ def _done_ids(cfg: BatchCaptionConfig, printer) -> tuple[set[str], int]:
     return done, retry
 
 
-def _row(cfg: BatchCaptionConfig, batch: dict[str, np.ndarray], i: int) -> dict:
+def _row(cfg: CaptionBatchConfig, batch: dict[str, np.ndarray], i: int) -> dict:
     """Output row `i` of a result batch."""
     error = batch["error"][i] or None
     duration = float(batch["duration_s"][i])
@@ -425,7 +363,7 @@ def _row(cfg: BatchCaptionConfig, batch: dict[str, np.ndarray], i: int) -> dict:
             "prompt": cfg.prompt, "error": error}
 
 
-def _caption(cfg: BatchCaptionConfig, plan: InputPlan, todo: list[int], writer: ShardWriter, lock: OutputLock,
+def _caption(cfg: CaptionBatchConfig, plan: InputPlan, todo: list[int], writer: ShardWriter, lock: OutputLock,
              progress: Progress) -> tuple[int, Counter, int, float]:
     """Stream the pipeline over `todo` into shards; (captioned, errors by reason, repeated rows dropped,
     seconds from the pipeline's start to its last shard)."""
@@ -458,24 +396,26 @@ def _caption(cfg: BatchCaptionConfig, plan: InputPlan, todo: list[int], writer: 
     return captioned, reasons, repeated, time.perf_counter() - progress.start
 
 
-def run_batch_caption(cfg: BatchCaptionConfig, printer=print) -> dict:
-    """Caption every input of `cfg.input` not yet in `cfg.output`; return (and write) the run's summary.
+def run_batch_caption(cfg: CaptionBatchConfig, printer=print, ray_cfg: RayConfig | None = None) -> dict:
+    """Caption every input of `cfg.input` not yet in `cfg.output` on the Ray cluster of `ray_cfg` (default:
+    $RAY_ADDRESS, else a local instance); return (and write) the run's summary.
 
     Refuses at once (ConfigError) when the output is inside the input, and (`lock.OutputLocked`) when
     another live run holds the output's lock. The summary counts the inputs, those skipped as already done,
     the error rows retried, those captioned and those failed by reason in this run, and checks the whole
     output afterwards (`complete`: every input exactly once in the files).
     """
+    cfg.require_run_fields()
     check_output_outside_input(cfg.input, cfg.output, cfg.split)
     with OutputLock(cfg.output, stale_after=cfg.lock_stale_seconds) as lock:
         if lock.taken_over:
             printer(f"[caption-batch] took over the stale lock {lock.path} ({lock.taken_over})")
-        return _run_locked(cfg, lock, printer)
+        return _run_locked(cfg, lock, printer, ray_cfg or RayConfig())
 
 
-def _run_locked(cfg: BatchCaptionConfig, lock: OutputLock, printer) -> dict:
+def _run_locked(cfg: CaptionBatchConfig, lock: OutputLock, printer, ray_cfg: RayConfig) -> dict:
     t0 = time.perf_counter()
-    init_ray(cfg.ray)
+    init_ray(ray_cfg)
     plan = plan_inputs(cfg.input, cfg.split)
     stale = remove_temp_files(cfg.output, lock)
     if stale:

@@ -1,7 +1,7 @@
 """The output of a captioning run: shards that appear whole or not at all, and what they already hold.
 
 Shards are `part-<run>-<seq>.parquet` (or `.jsonl`) in the output folder, local or any fsspec URL. On local
-disk a shard is written under a dot-prefixed temp name (`fsutil.building_file`) and renamed into place,
+disk a shard is written under a dot-prefixed temp name (`storage.write_bytes`) and renamed into place,
 after an fsync; on object stores it is one
 upload, which becomes visible only when complete. Readers take `part-*` files only, so a run killed midway
 leaves finished shards and, at worst, a temp file that nothing reads (and the next run removes, holding the
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import posixpath
 import time
 import uuid
@@ -32,9 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
-from af3dist.fsutil import building_file
+from af3dist import storage
 
 if TYPE_CHECKING:
     from af3dist.captioning.lock import OutputLock
@@ -50,7 +48,7 @@ SUMMARY_FILE = "_summary.json"
 
 
 def is_temp(name: str) -> bool:
-    """A file `fsutil.building_file` was writing (`.<name>.tmp-<pid>`) when its run was killed."""
+    """A file `storage.building_file` was writing (`.<name>.tmp-<pid>`) when its run was killed."""
     return name.startswith(f".{SHARD_PREFIX}") and ".tmp-" in name
 
 
@@ -173,15 +171,9 @@ def encode_shard(rows: list[dict], fmt: str) -> bytes:
 def write_atomic(output: str, name: str, data: bytes) -> str:
     """Put `data` at `output/name` so that it is never visible half written; returns the full path."""
     fs, root = output_fs(output)
-    fs.makedirs(root, exist_ok=True)
     final = f"{root}/{name}"
-    if isinstance(fs, LocalFileSystem):
-        with building_file(final) as tmp, open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not publish a shard whose bytes are not on disk yet
-    else:  # object stores: a single upload is atomic
-        fs.pipe_file(final, data)
+    # on the output's own filesystem path (protocol stripped, as the other shard functions list them)
+    storage.write_bytes(storage.join(output, name), data)
     return final
 
 

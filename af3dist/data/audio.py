@@ -21,12 +21,16 @@ import math
 import os
 import stat
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Union
 
 import av
 import fsspec
 import numpy as np
 import soundfile as sf
 import soxr
+
+from af3dist import storage
 
 TARGET_SAMPLING_RATE = 16000
 
@@ -410,9 +414,9 @@ def read_audio_file(location: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> b
         raise ClipError("missing_audio", "no path given")
     if "\x00" in location:
         raise ClipError("unreadable", "the path holds a NUL byte")
-    protocol = location.split("://", 1)[0] if "://" in location else "file"
+    protocol = storage.scheme(location)
     if protocol in ("file", "local"):
-        _refuse_special_file(location.split("://", 1)[-1])
+        _refuse_special_file(storage.strip_scheme(location))
     too_big = ClipError("too_long", f"the file is over the {max_bytes / 2**20:.0f} MB limit")
     try:
         fs = _FILESYSTEMS.get(protocol)
@@ -430,3 +434,19 @@ def read_audio_file(location: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> b
     if len(data) > max_bytes:
         raise too_big
     return data
+
+
+# A clip: a path, encoded bytes, a 16 kHz array, or (array, sampling_rate).
+Clip = Union[str, Path, bytes, np.ndarray, tuple]
+
+
+def to_waveform(clip: Clip, sampling_rate: int | None = None, max_seconds: float | None = None) -> np.ndarray:
+    """Any supported clip form -> 16 kHz mono float32 (raises ClipError with a reason when it can't)."""
+    if isinstance(clip, (str, Path)):
+        return load_waveform(read_audio_file(str(clip)), max_seconds=max_seconds)
+    if isinstance(clip, (bytes, bytearray, memoryview)):
+        return load_waveform(bytes(clip), max_seconds=max_seconds)
+    if isinstance(clip, tuple):
+        array, rate = clip
+        return waveform_from_array(array, rate)
+    return waveform_from_array(clip, sampling_rate or TARGET_SAMPLING_RATE)

@@ -12,7 +12,7 @@ from collections import Counter
 
 import ray
 
-from af3dist.fsutil import write_text
+from af3dist.storage import write_text
 
 
 class DataQualityError(RuntimeError):
@@ -68,6 +68,10 @@ class ErrorLedger(ErrorCounts):
 
     def get_summary(self) -> dict:
         return self.summary()
+
+    def get_rows(self) -> list[dict]:
+        """The dropped rows recorded so far (id, split, reason, detail), in arrival order."""
+        return list(self.rows)
 
     def final_check(self) -> str | None:
         return self.check(1)

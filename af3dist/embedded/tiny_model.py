@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from af3dist.config import TinyModelConfig
-from af3dist.fsutil import building_folder
+from af3dist.storage import building_folder
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"

@@ -38,7 +38,8 @@ class AudioTextToTextPipeline(Pipeline):
 
     def preprocess(self, inputs: Any, prompt: str | None = None) -> dict[str, Any]:
         from af3dist.data.features import Featurizer
-        from af3dist.inference import DEFAULT_PROMPT, to_waveform
+        from af3dist.config import DEFAULT_PROMPT
+        from af3dist.data.audio import to_waveform
 
         featurizer = Featurizer(self.processor, prompt or DEFAULT_PROMPT)
         return {"features": featurizer.generation_inputs(to_waveform(inputs), prompt)}

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from af3dist.data.features import load_processor
-from af3dist.fsutil import building_folder
+from af3dist.storage import building_folder
 from af3dist.model.loading import adapter_base, load_model
 
 

@@ -23,6 +23,7 @@ import re
 import time
 from urllib.parse import SplitResult, urljoin, urlsplit
 
+from af3dist import storage
 from af3dist.config import ServeConfig
 from af3dist.data.audio import ClipError, read_audio_file
 from af3dist.server.protocol import check_location, not_allowed
@@ -34,7 +35,7 @@ _ENCODED_SEPARATORS = re.compile(r"%(2e|2f|5c)", re.I)
 
 
 def _is_url(location: str) -> bool:
-    return "://" in location
+    return storage.is_remote(location)
 
 
 @functools.lru_cache(maxsize=64)

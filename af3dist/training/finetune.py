@@ -10,24 +10,23 @@ import hashlib
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 
-import fsspec
 import ray
 import yaml
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from af3dist.assets import prepare_embedded
+from af3dist import storage
+from af3dist.embedded.assets import prepare_embedded
 from af3dist.cluster import init_ray
 from af3dist.config import Config, ConfigError, dump_config
 from af3dist.data.errors import ErrorCounts, ErrorLedger
 from af3dist.data.pipeline import build_dataset
 from af3dist.data.source import count_rows, read_references
-from af3dist.fsutil import building_folder, write_text
+from af3dist.storage import copy_folder, join, write_text
 from af3dist.training.loop import train_loop_per_worker
-from af3dist.training.state import ADAPTER_DIR, join, train_shard_name
+from af3dist.training.state import ADAPTER_DIR, train_shard_name
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +34,9 @@ RESOLVED_CONFIG = "config.yaml"
 # Settings that may change between a run and its resumption without making it another run: where it runs,
 # and what does not alter the work done so far (train longer, evaluate/checkpoint/log at another cadence), as
 # the HF Trainer allows. A longer max_steps stretches the LR schedule over the new length from here on.
-_RESUMABLE_SECTIONS = ("ray",)
+_RESUMABLE_SECTIONS = ("ray", "eval")
 _RESUMABLE_FIELDS = {"train": ("max_steps", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints",
-                               "max_failures", "eval_caption_clips", "max_new_tokens", "log_sample_ids",
-                               "push_to_hub")}
+                               "max_failures", "eval_caption_clips", "log_sample_ids", "push_to_hub")}
 
 
 def run_name(cfg: Config) -> str:
@@ -54,8 +52,7 @@ def run_name(cfg: Config) -> str:
 
 
 def storage_path(cfg: Config) -> str:
-    return cfg.train.storage_path or join(os.path.abspath(cfg.output_dir) if "://" not in cfg.output_dir
-                                          else cfg.output_dir, "ray_results")
+    return cfg.train.storage_path or join(storage.absolute(cfg.output_dir), "ray_results")
 
 
 def _comparable(cfg_dict: dict) -> dict:
@@ -68,7 +65,7 @@ def _comparable(cfg_dict: dict) -> dict:
 
 def _read_previous_config(output_dir: str) -> dict | None:
     """The resolved config a previous run left in `output_dir` (local or any fsspec URL), or None."""
-    fs, path = fsspec.core.url_to_fs(join(output_dir, RESOLVED_CONFIG))
+    fs, path = storage.filesystem(join(output_dir, RESOLVED_CONFIG))
     if not fs.isfile(path):
         return None
     with fs.open(path, "r") as f:
@@ -103,11 +100,6 @@ def check_run(cfg: Config) -> None:
             raise ConfigError(f"output_dir {cfg.output_dir!r} holds another run (its {RESOLVED_CONFIG} differs in "
                               f"{', '.join(changed) or 'structure'}); choose another --output-dir, or delete it "
                               f"to start over")
-
-
-def _copy_folder_atomic(src: Path, dst: Path) -> None:
-    with building_folder(dst) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def build_datasets(cfg: Config, ledgers: dict) -> tuple[dict, dict[str, list[str]]]:
@@ -212,20 +204,21 @@ def finetune(cfg: Config) -> dict:
     errors = ErrorCounts()
     for split, ledger in ledgers.items():
         part = ray.get(ledger.get_summary.remote())
-        rows = ray.get(ledger.__ray_call__.remote(lambda self: self.rows))
+        rows = ray.get(ledger.get_rows.remote())
         errors.record(part["rows_seen"], rows)
     errors_file = errors.write(join(cfg.output_dir, "data_errors.jsonl"))
 
     summary: dict = {"output_dir": cfg.output_dir, "run": run_name(cfg), "storage_path": storage_path(cfg),
                      "metrics": result.metrics, "data": {**errors.summary(), "errors_file": errors_file}}
-    if result.checkpoint is not None and "://" not in cfg.output_dir:
-        adapter_dir = Path(cfg.output_dir, ADAPTER_DIR)
+    if result.checkpoint is not None:
+        # The adapter of the last checkpoint, in the plain peft layout, under output_dir (local or a URL).
+        adapter_dir = join(cfg.output_dir, ADAPTER_DIR)
         with result.checkpoint.as_directory() as folder:
-            _copy_folder_atomic(Path(folder, ADAPTER_DIR), adapter_dir)
-        summary["adapter"] = str(adapter_dir)
+            copy_folder(Path(folder, ADAPTER_DIR), adapter_dir, last="adapter_config.json")
+            if tc.push_to_hub:
+                summary["pushed_to"] = _push_to_hub(cfg, Path(folder, ADAPTER_DIR))
+        summary["adapter"] = adapter_dir
         summary["checkpoint"] = result.checkpoint.path
-        if tc.push_to_hub:
-            summary["pushed_to"] = _push_to_hub(cfg, adapter_dir)
     best = getattr(result, "best_checkpoints", None) or []
     if best:
         summary["best_checkpoint"] = min(best, key=lambda cm: cm[1].get("eval_loss", float("inf")))[0].path

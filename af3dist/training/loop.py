@@ -26,6 +26,7 @@ from af3dist.data.features import IGNORE_INDEX, load_processor
 from af3dist.generation import GenerationEngine
 from af3dist.inference import captions
 from af3dist.metrics import caption_metrics
+from af3dist.model.encoder import SoundOnlyEncoder
 from af3dist.model.loading import load_model, resolve_dtype
 from af3dist.training.deepspeed_config import lora_engine
 from af3dist.training.loss import label_loss_sum
@@ -66,6 +67,9 @@ class Worker:
         self.eos_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
 
         model = load_model(cfg.model.name_or_path, self.dtype)
+        # A padding-free encoder reads only the leading frames of the windows: collate only those (the very
+        # values it would cut out of whole windows), not 30 s of mostly padding per clip.
+        self.audio_frames = "needed" if any(isinstance(m, SoundOnlyEncoder) for m in model.modules()) else "window"
         tokens = micro_batch_tokens(self.tc.micro_batch_size, cfg.data.max_audio_seconds, self.tc.micro_batch_tokens)
         checkpointing, why = choose_gradient_checkpointing(self.tc.gradient_checkpointing, model.config.text_config,
                                                            tokens, self.device)
@@ -135,7 +139,7 @@ class Worker:
         total = torch.zeros(2, dtype=torch.float64)
         shard = ray.train.get_dataset_shard("validation")
         for rows in iter_bucketed(shard, self.tc.micro_batch_size, 1, seed=0):
-            loss_sum, n = self.loss_sum(_to(collate(rows, self.pad_id), self.device, self.dtype))
+            loss_sum, n = self.loss_sum(_to(collate(rows, self.pad_id, self.audio_frames), self.device, self.dtype))
             total += torch.tensor([float(loss_sum), n], dtype=torch.float64)
         dist.all_reduce(total)
         self.engine.train()
@@ -152,7 +156,7 @@ class Worker:
                                       synced_gpus=self.tc.zero_stage == 3 and self.world > 1)
         shard = ray.train.get_dataset_shard("val_clips")
         for rows in iter_bucketed(shard, self.tc.micro_batch_size, 1, seed=0):
-            for row, text in zip(rows, captions(generation, rows, self.tc.max_new_tokens)):
+            for row, text in zip(rows, captions(generation, rows, self.cfg.eval.max_new_tokens)):
                 predictions[str(row["clip_id"])] = text
         gathered: list = [None] * self.world
         dist.all_gather_object(gathered, predictions)
@@ -198,7 +202,7 @@ class Worker:
         """One optimizer step over `window` (grad_accum_steps micro batches): every label token of the global
         batch weighs the same, however tokens fall into micro batches and ranks. Returns the step's loss and
         the global batch's (unpadded) tokens."""
-        batches = [_to(collate(rows, self.pad_id), self.device, self.dtype) for rows in window]
+        batches = [_to(collate(rows, self.pad_id, self.audio_frames), self.device, self.dtype) for rows in window]
         counts = torch.tensor([[int((b["labels"][:, 1:] != IGNORE_INDEX).sum()), int(b["attention_mask"].sum())]
                                for b in batches], dtype=torch.float64).sum(0)
         dist.all_reduce(counts)
@@ -263,6 +267,8 @@ class Worker:
         if not (evaluate or checkpoint):
             return
         meter.pause()  # evaluation and checkpoints are neither data wait nor step time
+        # A checkpoint is scored by its validation loss (CheckpointConfig keeps the `keep_checkpoints` best), so
+        # a checkpoint step measures it off the eval cadence too; caption scores only on eval steps.
         eval_record: dict = {"kind": "eval", "step": step, "eval_loss": self.validation_loss()}
         if evaluate and tc.eval_caption_clips > 0:
             eval_record.update(self.caption_scores())

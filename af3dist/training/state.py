@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import fsspec
+from af3dist import storage
+from af3dist.storage import join, write_text
 
-from af3dist.fsutil import write_text
+log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 ADAPTER_DIR = "adapter"
@@ -41,13 +43,6 @@ class TrainerState:
         return cls(**json.loads((folder / TRAINER_STATE).read_text()))
 
 
-def join(base: str, *parts: str) -> str:
-    """Join a local path or URI."""
-    if "://" in base:
-        return "/".join([base.rstrip("/"), *parts])
-    return str(Path(base, *parts))
-
-
 class MetricsLog:
     """metrics.jsonl (one JSON object per event, rewritten whole so a reader never sees half a line)
     plus TensorBoard scalars. After a resume, entries past the restored step are dropped."""
@@ -55,12 +50,14 @@ class MetricsLog:
     def __init__(self, output_dir: str, resume_step: int = 0):
         self.path = join(output_dir, "metrics.jsonl")
         self.records: list[dict] = []
-        fs, path = fsspec.core.url_to_fs(self.path)
-        if fs.exists(path):
-            with fs.open(path, "r") as f:
+        if storage.exists(self.path):
+            with storage.open_file(self.path, "r") as f:
                 self.records = [r for r in map(json.loads, f.read().splitlines()) if r.get("step", 0) <= resume_step]
         self.writer = None
-        if "://" not in output_dir:
+        if storage.is_remote(output_dir):
+            log.warning("TensorBoard events are written for a local output_dir only; %s gets metrics.jsonl, "
+                        "which holds the same scalars", output_dir)
+        else:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
