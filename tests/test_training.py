@@ -170,29 +170,20 @@ def _sample_ids(cfg) -> dict[tuple[int, int], list[str]]:
     return out
 
 
-def test_a_corrupt_latest_checkpoint_falls_back_and_a_longer_run_resumes(tiny_config):
-    cfg = _cfg(tiny_config, "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=4")
-    finetune(cfg)
-    assert _checkpoints(cfg) == ["checkpoint_000002", "checkpoint_000004"]
-    states = list(Path(storage_path(cfg), run_name(cfg), "checkpoint_000004", "deepspeed").rglob("*.pt"))
-    assert states
-    for f in states:  # as a partial upload or a bad disk leaves it
-        f.write_bytes(b"not a pickle")
-    longer = _cfg(tiny_config, "train.max_steps=6", "train.checkpoint_every=2", "train.eval_every=4")
-    summary = finetune(longer)  # today's rule would refuse it ("holds another run"), then fail on the bad state
-    resumes = [r for r in _records(longer) if r["kind"] == "resume"]
-    assert resumes and resumes[-1]["step"] == 2, resumes  # the step-4 checkpoint was skipped, with a warning
-    assert summary["metrics"]["step"] == 6
-    assert max(r["step"] for r in _records(longer) if r["kind"] == "train") == 6
-
-
-def test_rerun_after_the_driver_died_resumes_exactly(tiny_config, tmp_path):
-    # the same run uninterrupted, as the reference for which examples every step sees
-    reference = _cfg(tiny_config, "train.max_steps=6", "train.checkpoint_every=2", "train.eval_every=6",
-                     "train.log_sample_ids=true", f"output_dir={tmp_path / 'reference'}")
+def test_resume_is_exact_after_a_dead_driver_and_skips_a_corrupt_checkpoint(tiny_config, tmp_path):
+    """One uninterrupted run is the reference for which examples every step sees. (1) A run whose driver is
+    killed after its first checkpoint, rerun, sees exactly those examples: none twice, none missed. (2) The
+    reference's latest checkpoint corrupted (as a partial upload or a bad disk leaves it), a longer rerun
+    (today's rule would refuse it as "another run", then fail on the bad state) falls back to the checkpoint
+    before it, with a warning, and its steps again see exactly the reference's examples."""
+    steps = ["train.checkpoint_every=2", "train.eval_every=6", "train.keep_checkpoints=3", "train.log_sample_ids=true"]
+    reference = _cfg(tiny_config, "train.max_steps=6", *steps, f"output_dir={tmp_path / 'reference'}")
     finetune(reference)
-    cfg = _cfg(tiny_config, "train.max_steps=6", "train.checkpoint_every=2", "train.eval_every=6",
-               "train.log_sample_ids=true")
+    expected = _sample_ids(reference)
+    assert len(expected) == 2 * 6
+    assert _checkpoints(reference) == ["checkpoint_000002", "checkpoint_000004", "checkpoint_000006"]
+
+    cfg = _cfg(tiny_config, "train.max_steps=6", *steps)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-c", DRIVER, cfg.model_dump_json()]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -211,6 +202,17 @@ def test_rerun_after_the_driver_died_resumes_exactly(tiny_config, tmp_path):
     resumes = [r for r in records if r["kind"] == "resume"]
     assert resumes and resumes[-1]["step"] >= 2
     assert max(r["step"] for r in records if r["kind"] == "train") == 6
-    # every rank saw, step by step, exactly the examples of the uninterrupted run: none twice, none missed
-    seen, expected = _sample_ids(cfg), _sample_ids(reference)
-    assert len(expected) == 2 * 6 and seen == expected
+    assert _sample_ids(cfg) == expected
+
+    states = list(Path(storage_path(reference), run_name(reference), "checkpoint_000006", "deepspeed").rglob("*.pt"))
+    assert states
+    for f in states:
+        f.write_bytes(b"not a pickle")
+    longer = _cfg(tiny_config, "train.max_steps=8", *steps, f"output_dir={tmp_path / 'reference'}")
+    summary = finetune(longer)
+    resumes = [r for r in _records(longer) if r["kind"] == "resume"]
+    assert resumes and resumes[-1]["step"] == 4, resumes  # the step-6 checkpoint was skipped
+    assert summary["metrics"]["step"] == 8
+    assert max(r["step"] for r in _records(longer) if r["kind"] == "train") == 8
+    resumed = _sample_ids(longer)
+    assert {k: v for k, v in resumed.items() if k[1] <= 6} == expected and len(resumed) == 2 * 8
