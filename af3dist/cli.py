@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from af3dist.config import (DEFAULT_PROMPT, CaptionBatchConfig, Config, ConfigError, SyntheticDataConfig, format_errors,
+from af3dist.config import (CaptionBatchConfig, Config, ConfigError, SyntheticDataConfig, format_errors,
                             load_config, preset_names)
 
 
@@ -22,6 +23,23 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="where the run writes its outputs (overrides output_dir)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="config overrides, e.g. data.decode_batch_size=4")
+
+
+def add_field_flags(parser: argparse.ArgumentParser, section: type[BaseModel], prefix: str,
+                    keep_defaults: bool = False) -> None:
+    """One `--field-name` flag per field of a config section, typed from its annotation, with the field's
+    description and default as help: the flags are the section's fields, never a restatement of them. Unset
+    flags are None (the section's own value applies) unless `keep_defaults`."""
+    for name, field in section.model_fields.items():
+        kinds = [t for t in (typing.get_args(field.annotation) or (field.annotation,)) if t is not type(None)]
+        kind = kinds[0] if len(kinds) == 1 and kinds[0] in (int, float, str, bool) else str
+        text = f"{prefix}.{name}" + (f": {field.description}" if field.description else "") + \
+            f" (default {field.default!r})"
+        default = field.default if keep_defaults else None
+        if kind is bool:
+            parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", default=default, help=text)
+        else:
+            parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=text)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -177,9 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-synthetic-audiocaps", help="write synthetic clips in the OpenSound/AudioCaps layout")
     p.add_argument("out")
-    for name, field in SyntheticDataConfig.model_fields.items():  # the flags are the config section's fields
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=field.default,
-                       help=f"data.synthetic.{name} (default {field.default})")
+    add_field_flags(p, SyntheticDataConfig, "data.synthetic", keep_defaults=True)
     p.set_defaults(func=_make_synthetic_audiocaps)
 
     p = sub.add_parser("data", help="stream a split through the Ray Data pipeline and print a summary")
@@ -218,18 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(exactly once; a rerun resumes)")
     add_config_args(p)  # caption_batch.* from the preset or YAML, then key=value overrides, then these flags
     p.add_argument("--base", help="the base model for --adapter (same as --model)")
-    kinds = {"batch_size": int, "gpus_per_actor": float, "cpus_per_actor": float, "max_new_tokens": int,
-             "max_seconds": float, "max_file_mb": float, "shard_rows": int, "flush_seconds": float, "limit": int,
-             "lock_stale_seconds": float, "cpus_per_task": float, "read_batch_size": int, "bucket_batches": int,
-             "progress_seconds": float}
-    for name, field in CaptionBatchConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_ = f"caption_batch.{name}" + (f": {field.description}" if field.description else "") + \
-            f" (default {field.default!r})"
-        if name == "retry_errors":
-            p.add_argument(flag, action="store_true", default=None, help=help_)
-        else:
-            p.add_argument(flag, type=kinds.get(name, str), help=help_)
+    add_field_flags(p, CaptionBatchConfig, "caption_batch")
     p.add_argument("--ray-address", help="default: $RAY_ADDRESS, else a local Ray instance")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance")
     p.set_defaults(func=_caption_batch)
