@@ -94,13 +94,18 @@ class DataConfig(_Section):
     prompt: str = DEFAULT_PROMPT
     max_audio_seconds: float = Field(30.0, gt=0, description="longer clips are dropped as too_long")
     resample_quality: Literal["VHQ", "HQ", "MQ", "LQ", "QQ"] = "HQ"
-    decode_batch_size: int = Field(16, ge=1, description="rows a data task decodes and hands on at a time "
-                                                         "(a task covers one parquet row group)")
+    decode_batch_size: int = Field(16, ge=1, description="rows a data task decodes and featurizes at a time")
+    rows_per_task: int = Field(256, ge=1, description="a data task reads consecutive row groups of one shard "
+                               "until it holds at least this many rows: fewer, longer tasks (each costs Ray a "
+                               "scheduling round trip), whose rows still flow a block at a time")
     cpus_per_data_task: float = Field(1.0, gt=0)
     max_data_tasks: int | None = Field(None, ge=1, description="cap on concurrent decode/featurize tasks")
     error_rate_ceiling: float = Field(0.2, ge=0, le=1)
     min_rows_before_ceiling: int = Field(50, ge=1)
     bucket_pool_batches: int = Field(16, ge=1, description="batches pooled and sorted by length")
+    block_mb: float | None = Field(4.0, gt=0, description="Ray Data block size (MiB) of the examples: a data task "
+                                   "hands its rows on a block at a time as it goes, so the first rows reach the "
+                                   "consumer after a few clips, not a whole row group; null: Ray's default")
     shuffle: bool = True
     seed: int = 0
 

@@ -166,3 +166,4 @@ def test_pools_are_cut_from_the_row_stream_whatever_the_blocks():
         blocks = [{"i": stream[a:b], "j": -stream[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]
         pools = [[int(r["i"]) for r in pool] for pool in pools_of(blocks, 8)]
         assert pools == [list(range(k, min(k + 8, 44))) for k in range(0, 44, 8)]
+

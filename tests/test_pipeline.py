@@ -118,6 +118,7 @@ def _bad_rows() -> list[tuple[str, bytes | None, str]]:
         ("non_finite", _wav(nan, subtype="FLOAT"), "Broken samples"),
         ("non_finite", _wav(np.full(16000, np.inf, dtype=np.float32), subtype="FLOAT"), "All infinite"),
         ("empty_caption", wav, "   "),
+        ("special_token_in_caption", wav, "A dog<|im_end|> <sound> barks"),
         ("unsupported_codec", b"\x89PNG\r\n\x1a\n" + bytes(2000), "A picture, not audio"),  # M4A now decodes
         ("too_long", encode_audio(np.zeros((16000 * 70, 1), np.float32) + 0.01, 16000, "flac"), "A long hum"),
         ("missing_audio", None, "No bytes"),
@@ -163,7 +164,7 @@ def test_errors_file_and_ceiling(tiny_config, planted_dir):
         update={"source": planted_dir, "error_rate_ceiling": 0.9})})
     summary = run_data_pipeline(ok, batch_size=4)
     lines = [json.loads(l) for l in Path(summary["errors_file"]).read_text().splitlines()]
-    assert len(lines) == summary["rows_dropped"] == 22 and summary["clips"] == 24
+    assert len(lines) == summary["rows_dropped"] == 2 * len(_bad_rows()) and summary["clips"] == 24  # 2 shards
     assert {l["reason"] for l in lines} == {r for r, _, _ in _bad_rows()}
     assert all(l["id"].startswith("900") and l["split"] == "train" and l["detail"] for l in lines)
 

@@ -4,7 +4,8 @@ af3dist reaches below transformers' public API in a few places, for speed (see e
 - `af3dist/model/encoder.py` (SoundOnlyEncoder): a copy of AudioFlamingo3Encoder.forward's body, swapped in
   with `__class__`, and a key-only attention mask that relies on how AF3's attention applies masks;
 - `af3dist/data/features.py` (FastWhisperFeatureExtractor): a re-implementation of
-  WhisperFeatureExtractor._torch_extract_fbank_features;
+  WhisperFeatureExtractor._torch_extract_fbank_features; and Featurizer calls the AF3 processor's audio path
+  (`_process_audio`, with `_merge_kwargs`' defaults) directly and expands `<sound>` in the ids itself;
 - `af3dist/generation/engine.py`: the Qwen2 decoder layer's arithmetic (attention, RoPE, RMSNorm, MLP) written
   out for the decode step, and a cache object handed to the layers in prefill;
 - `af3dist/training/loss.py`: a boolean `logits_to_keep`.
@@ -24,6 +25,8 @@ import transformers
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from transformers import masking_utils, modeling_utils
+from transformers.models.audioflamingo3.processing_audioflamingo3 import AudioFlamingo3Processor
+from transformers.processing_utils import ProcessorMixin
 from transformers.models.audioflamingo3 import modeling_audioflamingo3 as af3
 from transformers.models.qwen2 import modeling_qwen2 as qwen2
 from transformers.models.whisper.feature_extraction_whisper import WhisperFeatureExtractor
@@ -53,6 +56,14 @@ CONTRACT = {
     "WhisperFeatureExtractor._torch_extract_fbank_features": (
         WhisperFeatureExtractor._torch_extract_fbank_features, "3ea46439572a5cb7",
         "af3dist/data/features.py re-implements it"),
+    "AudioFlamingo3Processor._process_audio": (
+        AudioFlamingo3Processor._process_audio, "18d9a24d1906afce",
+        "af3dist/data/features.py's Featurizer._audio calls it (windows, log-mel, <sound> counts)"),
+    "AudioFlamingo3Processor._get_audio_token_length": (
+        AudioFlamingo3Processor._get_audio_token_length, "f96349098be68429",
+        "af3dist/data/features.py: the <sound> count of each clip it expands"),
+    "ProcessorMixin._merge_kwargs": (ProcessorMixin._merge_kwargs, "6e36f7d822dac51e",
+                                     "af3dist/data/features.py's Featurizer: the audio path's keyword arguments"),
     "Qwen2DecoderLayer.forward": (qwen2.Qwen2DecoderLayer.forward, "2b52523b7afe2a37",
                                   "af3dist/generation/engine.py's decode step"),
     "Qwen2Attention.forward": (qwen2.Qwen2Attention.forward, "958fda1e108c1fe8",

@@ -23,7 +23,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +35,7 @@ from af3dist.captioning.shards import (
     SUMMARY_FILE, ShardWriter, compact_output, read_done_ids, read_output, remove_temp_files, write_atomic,
 )
 from af3dist.cluster import init_ray
-from af3dist.config import CaptionBatchConfig, ConfigError, RayConfig
+from af3dist.config import CaptionBatchConfig, RayConfig
 from af3dist.data.audio import (
     TARGET_SAMPLING_RATE, TRANSIENT_REASONS, ClipError, load_waveform, read_audio_file,
 )
@@ -138,7 +138,7 @@ def featurize_clip_rows(batch: dict[str, np.ndarray], *, processor: str, prompt:
 def clip_rows_from_row_groups(batch: dict[str, np.ndarray], *, filesystem, columns: list[str],
                               rows_per_batch: int, pick: dict[str, Any],
                               featurize: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
-    """(path, row_group) units of parquet input -> model inputs of the rows to caption, in one task."""
+    """Read units ({"path", "row_groups"}) of parquet input -> model inputs of the rows to caption."""
     for rows in row_group_rows(batch, filesystem=filesystem, rows_per_batch=rows_per_batch, columns=columns):
         picked = read_parquet_rows(rows, **pick)
         if len(picked["id"]):
@@ -256,7 +256,7 @@ def build_pipeline(cfg: CaptionBatchConfig, plan: InputPlan, todo: list[int], pr
         columns = ["audio", plan.key_column] + (["youtube_id", "start_time"] if plan.key_column == "audiocap_id"
                                                 else [])
         # one task per parquet row group reads, picks and featurizes its rows (the training pipeline's reader)
-        units = [{"path": path, "row_group": group} for path, group in plan.row_groups]
+        units = [{"path": path, "row_groups": [group]} for path, group in plan.row_groups]
         ds = units_dataset(units, preserve_order=False).map_batches(
             clip_rows_from_row_groups, batch_size=1, batch_format="numpy", num_cpus=cfg.cpus_per_task,
             fn_kwargs=dict(filesystem=files.filesystem, columns=columns, rows_per_batch=cfg.read_batch_size,

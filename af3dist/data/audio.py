@@ -36,7 +36,7 @@ TARGET_SAMPLING_RATE = 16000
 
 # Why a clip was rejected; the keys of every error count and errors file.
 REASONS = ("missing_audio", "unsupported_codec", "corrupt", "empty_audio", "non_finite", "too_long",
-           "empty_caption", "unreadable", "timeout", "generation_failed")
+           "empty_caption", "special_token_in_caption", "unreadable", "timeout", "generation_failed")
 # Failures that say nothing about the clip itself (a network blip, a busy GPU): a rerun may succeed, so
 # batch captioning retries them (`--retry-errors`) instead of treating them as final.
 TRANSIENT_REASONS = ("unreadable", "timeout", "generation_failed")

@@ -1,7 +1,7 @@
 """Turn a 16 kHz waveform (and its caption) into AF3 model inputs with the model's own processor.
 
-The processor computes the log-mel windows, renders the chat template and expands `<sound>` to one
-token per audio frame. Training labels are built here: the loss covers the assistant's caption and its
+The processor computes the log-mel windows and the `<sound>` count of each clip, its chat template renders
+the text, and `<sound>` is expanded to one token per audio frame. Training labels are built here: the loss covers the assistant's caption and its
 closing `<|im_end|>` only (the processor's `output_labels=True` would also train on the system prompt,
 the user prompt and the role tags).
 """
@@ -9,6 +9,7 @@ the user prompt and the role tags).
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,8 +70,8 @@ class FastWhisperFeatureExtractor(WhisperFeatureExtractor):
         silence = float(torch.tensor(1e-10, dtype=torch.float32).log10())
         out = np.empty((waveform.shape[0], self.mel_filters.shape[1], n_frames), dtype=np.float32)
         for i, row in enumerate(waveform):
-            nonzero = np.flatnonzero(row)
-            length = int(nonzero[-1]) + 1 if nonzero.size else 0
+            sounding = row != 0
+            length = n_samples - int(np.argmax(sounding[::-1])) if sounding.any() else 0  # after the last sound
             if length > n_samples - self.n_fft:  # sound near the window's end meets the STFT's reflect padding
                 out[i] = super()._torch_extract_fbank_features(row[None], device)[0]
                 continue
@@ -102,8 +103,23 @@ def load_processor(name_or_path: str):
     return processor
 
 
+def special_token_pattern(tokenizer) -> re.Pattern | None:
+    """A pattern matching the text of any of the tokenizer's special or added tokens (`<sound>`, `<|im_start|>`,
+    ...): in prompt or caption text it would be read as that token and break the audio expansion, the chat
+    template or the labels. None when the tokenizer has none."""
+    added = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
+    tokens = sorted((t for t in added if t), key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in tokens)) if tokens else None
+
+
 class Featurizer:
-    """Builds per-clip model inputs; the training collate only stacks and pads them."""
+    """Builds per-clip model inputs; the training collate only stacks and pads them.
+
+    The audio goes through the processor's own audio path (windows, log-mel, `<sound>` counts); the chat text is
+    tokenized with one `<sound>` per clip (or per message), each then expanded into its clip's run of
+    `<sound>` ids. `<sound>` is an added token, which the tokenizer splits out before anything else, so this
+    gives the processor's own ids (tested against it) without tokenizing the hundreds of `<sound>` a clip
+    expands to."""
 
     def __init__(self, processor, prompt: str):
         self.processor = processor
@@ -112,10 +128,20 @@ class Featurizer:
         self.audio_token_id = processor.audio_token_id
         self.eos_token_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad_token_id = self.tokenizer.pad_token_id
+        self.special_tokens = special_token_pattern(self.tokenizer)
+        # The processor's own keyword arguments for its audio path (its defaults, merged once).
+        self._audio_kwargs = processor._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs)["audio_kwargs"]
+        self._prompt_ids: dict[str, np.ndarray] = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, prompt: str) -> "Featurizer":
-        return cls(load_processor(name_or_path), prompt)
+        """One featurizer per (processor, prompt) and process: data tasks call this for every batch."""
+        return _featurizer(cls, name_or_path, prompt)
+
+    def special_token_in(self, text: str) -> str | None:
+        """The first special or added token's text found in `text`, if any."""
+        found = self.special_tokens.search(text) if self.special_tokens else None
+        return found.group(0) if found else None
 
     def render(self, prompt: str | None = None, caption: str | None = None) -> str:
         """Chat text: with a caption, the whole exchange; without, the prompt ready for generation."""
@@ -127,61 +153,65 @@ class Featurizer:
         return self.processor.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
-    def _single(self, waveform: np.ndarray, text: str) -> dict[str, np.ndarray]:
-        out = self.processor(text=[text], audio=[waveform])
-        return {
-            "input_ids": out["input_ids"][0].numpy().astype(np.int32),
-            "input_features": out["input_features"].numpy(),
-            "input_features_mask": out["input_features_mask"].numpy().astype(bool),
-        }
+    def _audio(self, waveforms: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """The processor's audio path: every clip's 30 s log-mel windows in order, their masks, and each clip's
+        count of `<sound>` tokens."""
+        out, _ = self.processor._process_audio(list(waveforms), **self._audio_kwargs)
+        return (np.asarray(out["input_features"]), np.asarray(out["input_features_mask"]).astype(bool),
+                [int(n) for n in out["num_audio_tokens"]])
 
-    def _expanded(self, text: str, waveforms: Sequence[np.ndarray], per_message: Sequence[int]
-                  ) -> dict[str, np.ndarray]:
-        """Model inputs for chat text holding several clips (AF3's processor takes one clip per text): the
-        clips' log-mel windows in order, and each `<sound>` of the text expanded to its clips' token runs, as
+    def _inputs(self, text: str, waveforms: Sequence[np.ndarray], per_message: Sequence[int]) -> dict[str, np.ndarray]:
+        """Model inputs for chat text and its clips: each `<sound>` of the text expanded to its clips' runs, as
         the processor expands one. The template writes one `<sound>` per clip or one per message with audio
         (`per_message`: clips per such message); either way the runs follow one another in clip order."""
-        sound = self.processor.audio_token
-        out = self.processor(text=[sound] * len(waveforms), audio=list(waveforms))
-        runs = [int(n) for n in (out["input_ids"] == self.audio_token_id).sum(-1)]
-        pieces = text.split(sound)
-        if len(pieces) - 1 == len(runs):
-            groups = [[n] for n in runs]
-        elif len(pieces) - 1 == len(per_message):
+        features, mask, runs = self._audio(waveforms)
+        ids = np.asarray(self.tokenizer(text)["input_ids"], dtype=np.int32)
+        where = np.flatnonzero(ids == self.audio_token_id)
+        if len(where) == len(runs):
+            counts = runs
+        elif len(where) == len(per_message):
             bounds = np.cumsum([0, *per_message])
-            groups = [runs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            counts = [sum(runs[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         else:
-            raise RuntimeError(f"the chat template wrote {len(pieces) - 1} {sound} for {len(runs)} clips")
-        expanded = pieces[0] + "".join(sound * sum(g) + piece for g, piece in zip(groups, pieces[1:]))
-        ids = np.asarray(self.tokenizer(expanded)["input_ids"], dtype=np.int32)
-        if int((ids == self.audio_token_id).sum()) != sum(runs):
-            raise RuntimeError("the expanded chat text does not tokenize to its audio runs")
-        return {"input_ids": ids, "input_features": out["input_features"].numpy(),
-                "input_features_mask": out["input_features_mask"].numpy().astype(bool)}
+            raise RuntimeError(f"the chat text holds {len(where)} {self.processor.audio_token} for {len(runs)} clips")
+        return {"input_ids": _expand(ids, where, counts, self.audio_token_id), "input_features": features,
+                "input_features_mask": mask}
+
+    def _prompt_prefix(self, prompt: str) -> np.ndarray:
+        """The ids of the prompt ready for generation (one `<sound>`): what precedes every caption's labels."""
+        if prompt not in self._prompt_ids:
+            if (token := self.special_token_in(prompt)) is not None:
+                raise ValueError(f"the prompt holds {token!r}, the text of one of the model's special tokens")
+            ids = self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
+            self._prompt_ids[prompt] = np.asarray(ids, dtype=np.int32)
+        return self._prompt_ids[prompt]
 
     def training_example(self, waveform: np.ndarray, caption: str, prompt: str | None = None) -> dict[str, Any]:
         """input_ids, labels (-100 outside the caption + <|im_end|>), log-mel windows and their mask."""
         caption = caption.strip()
         if not caption:
             raise ClipError("empty_caption", "the caption is empty")
-        example = self._single(waveform, self.render(prompt, caption))
-        ids = example["input_ids"]
-        n_sound = int((ids == self.audio_token_id).sum())
-        prefix = self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
-        expanded = []
-        for t in prefix:
-            expanded.extend([t] * n_sound if t == self.audio_token_id else [t])
-        n_prefix = len(expanded)
-        if ids[:n_prefix].tolist() != expanded:
+        if (token := self.special_token_in(caption)) is not None:
+            raise ClipError("special_token_in_caption",
+                            f"the caption holds {token!r}, the text of one of the model's special tokens")
+        prefix = self._prompt_prefix(prompt or self.prompt)
+        features, mask, runs = self._audio([waveform])
+        ids = np.asarray(self.tokenizer(self.render(prompt, caption))["input_ids"], dtype=np.int32)
+        n_prefix = len(prefix)
+        if not np.array_equal(ids[:n_prefix], prefix):
             raise RuntimeError("the chat template's prompt is not a token prefix of the full exchange; "
                                "labels cannot be placed")
         end = n_prefix + int(np.argmax(ids[n_prefix:] == self.eos_token_id)) + 1
         if ids[end - 1] != self.eos_token_id:
             raise RuntimeError("the chat template does not close the assistant turn with <|im_end|>")
+        where = np.flatnonzero(ids == self.audio_token_id)
+        if len(where) != 1 or where[0] >= n_prefix:
+            raise RuntimeError(f"the chat text holds {len(where)} {self.processor.audio_token} for one clip")
         labels = np.full_like(ids, IGNORE_INDEX)
         labels[n_prefix:end] = ids[n_prefix:end]
-        example["labels"] = labels
-        return example
+        return {"input_ids": _expand(ids, where, runs, self.audio_token_id),
+                "labels": _expand(labels, where, runs, IGNORE_INDEX),
+                "input_features": features, "input_features_mask": mask}
 
     def generation_inputs(self, waveform: np.ndarray, prompt: str | None = None) -> dict[str, np.ndarray]:
         """Inputs for `generate`: the prompt with the generation prompt appended, no labels."""
@@ -198,7 +228,19 @@ class Featurizer:
         if sum(per_message) != len(waveforms) or not waveforms:
             raise ValueError(f"the turns carry {sum(per_message)} clips and {len(waveforms)} were given "
                              "(at least one is needed)")
-        text = self.render_messages(chat_messages(turns))
-        if len(waveforms) == 1:
-            return self._single(waveforms[0], text)
-        return self._expanded(text, waveforms, per_message)
+        return self._inputs(self.render_messages(chat_messages(turns)), waveforms, per_message)
+
+
+@functools.lru_cache(maxsize=8)
+def _featurizer(cls: type, name_or_path: str, prompt: str) -> Featurizer:
+    return cls(load_processor(name_or_path), prompt)
+
+
+def _expand(ids: np.ndarray, where: np.ndarray, counts: Sequence[int], fill: int) -> np.ndarray:
+    """`ids` with the element at each of `where` replaced by `counts[i]` copies of `fill`."""
+    pieces, start = [], 0
+    for at, n in zip(where, counts):
+        pieces += [ids[start:at], np.full(n, fill, dtype=ids.dtype)]
+        start = at + 1
+    pieces.append(ids[start:])
+    return np.concatenate(pieces)

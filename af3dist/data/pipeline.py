@@ -1,7 +1,7 @@
 """The Ray Data pipeline: AudioCaps parquet -> decoded 16 kHz audio -> AF3 model inputs, streaming.
 
-Stages (CPU `map_batches` tasks, fused by Ray Data into one task per parquet row group, spread over the
-cluster's CPUs):
+Stages, all in one CPU task per read unit (consecutive parquet row groups of one shard, `task_units`),
+spread over the cluster's CPUs:
   read_row_groups (shards shuffled from a seed) -> decode_rows (decode, downmix, resample, validate)
   -> featurize_rows (log-mel windows, chat template, `<sound>` expansion, labels).
 Rows that cannot become training examples are dropped and reported to an ErrorLedger.
@@ -117,40 +117,59 @@ def featurize_rows(batch: dict[str, np.ndarray], *, processor: str, prompt: str,
     }
 
 
-def row_groups(files: SplitFiles) -> list[tuple[str, int]]:
-    """(path, row group) of every row group of the split's shards, from the parquet footers only."""
+def row_groups(files: SplitFiles) -> list[tuple[str, int, int]]:
+    """(path, row group, rows) of every row group of the split's shards, from the parquet footers only."""
     units = []
     for path in files.paths:
         with files.filesystem.open(path, "rb") as f:
-            units += [(path, g) for g in range(pq.ParquetFile(f).num_row_groups)]
+            meta = pq.ParquetFile(f).metadata
+            units += [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
     return units
 
 
 def read_row_groups(batch: dict[str, np.ndarray], *, filesystem,
                     columns: list[str] = AUDIOCAPS_COLUMNS) -> Iterator[pa.Table]:
-    """(path, row_group) units -> the `columns` of each row group, one table per unit."""
-    for path, group in zip(batch["path"], batch["row_group"]):
+    """Read units ({"path", "row_groups"}) -> the `columns` of each of their row groups, one table at a time."""
+    for path, groups in zip(batch["path"], batch["row_groups"]):
         with filesystem.open(str(path), "rb") as f:
-            yield pq.ParquetFile(f).read_row_group(int(group), columns=columns)
+            parquet = pq.ParquetFile(f)
+            for group in groups:
+                yield parquet.read_row_group(int(group), columns=columns)
 
 
 def row_group_rows(batch: dict[str, np.ndarray], *, filesystem, rows_per_batch: int,
                    columns: list[str] = AUDIOCAPS_COLUMNS) -> Iterator[dict[str, list]]:
-    """(path, row_group) units -> their rows as columns of Python values, `rows_per_batch` rows at a time."""
+    """Read units -> their rows as columns of Python values, `rows_per_batch` rows at a time."""
     for table in read_row_groups(batch, filesystem=filesystem, columns=columns):
         for chunk in table.to_batches(max_chunksize=rows_per_batch):
             yield chunk.to_pydict()
 
 
+def task_units(plan: list[dict], rows_per_task: int) -> list[dict]:
+    """Read units for tasks: runs of consecutive plan entries (row groups) of one shard joined until each holds
+    at least `rows_per_task` rows. Every task costs Ray a scheduling round trip (tens of ms on a busy node),
+    so small row groups make fewer, longer tasks; the order of the rows is the plan's."""
+    units: list[dict] = []
+    for entry in plan:
+        last = units[-1] if units else None
+        if last and last["path"] == entry["path"] and last["rows"] < rows_per_task:
+            last["row_groups"].append(entry["row_group"])
+            last["rows"] += entry["rows"]
+        else:
+            units.append({"path": entry["path"], "row_groups": [entry["row_group"]], "rows": entry["rows"]})
+    return units
+
+
 def examples_from_row_groups(batch: dict[str, np.ndarray], *, filesystem, rows_per_batch: int,
                              decode: dict[str, Any], featurize: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
-    """(path, row_group) units -> model-ready examples, `rows_per_batch` rows at a time, in one task."""
+    """Read units -> model-ready examples, `rows_per_batch` rows at a time, in one task."""
     for rows in row_group_rows(batch, filesystem=filesystem, rows_per_batch=rows_per_batch):
         yield featurize_rows(decode_rows(rows, **decode), **featurize)
 
 
 def plan_row_groups(cfg: DataConfig, split: str, epoch: int = 0, epochs: int = 1) -> tuple[SplitFiles, list[dict]]:
-    """The split's files and its (path, row_group) read units for `epochs` passes from pass `epoch`.
+    """The split's files and its row groups ({"path", "row_group", "rows"}) in read order for `epochs` passes
+    from pass `epoch`.
 
     Shard order is shuffled per pass from (seed, pass) when configured; row groups keep their file order.
     """
@@ -162,16 +181,16 @@ def plan_row_groups(cfg: DataConfig, split: str, epoch: int = 0, epochs: int = 1
         if cfg.shuffle:
             random.Random(cfg.seed * 1_000_003 + e).shuffle(order)
         rank = {path: i for i, path in enumerate(order)}
-        plan += [{"path": path, "row_group": group}
-                 for path, group in sorted(units, key=lambda unit: (rank[unit[0]], unit[1]))]
+        plan += [{"path": path, "row_group": group, "rows": rows}
+                 for path, group, rows in sorted(units, key=lambda unit: (rank[unit[0]], unit[1]))]
     return files, plan
 
 
-def units_dataset(plan: list[dict], preserve_order: bool = True) -> Dataset:
-    """Read units ({"path", "row_group"} dicts) as a dataset of one unit per block, so that each map task
+def units_dataset(units: list[dict], preserve_order: bool = True) -> Dataset:
+    """Read units ({"path", "row_groups"} dicts) as a dataset of one unit per block, so that each map task
     covers one unit; with `preserve_order` (training: a seed always gives the same row order) results come
     out in plan order."""
-    ds = ray.data.from_items(plan, override_num_blocks=max(1, len(plan)))
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     ds.context.execution_options.preserve_order = preserve_order
     return ds
 
@@ -179,7 +198,7 @@ def units_dataset(plan: list[dict], preserve_order: bool = True) -> Dataset:
 def read_split(cfg: DataConfig, split: str, epoch: int = 0, epochs: int = 1) -> Dataset:
     """The split's raw AudioCaps rows, streamed, for `epochs` passes starting at pass `epoch`."""
     files, plan = plan_row_groups(cfg, split, epoch, epochs)
-    return units_dataset(plan).map_batches(
+    return units_dataset(task_units(plan, cfg.rows_per_task)).map_batches(
         read_row_groups, fn_kwargs=dict(filesystem=files.filesystem), batch_size=1, batch_format="numpy",
         num_cpus=cfg.cpus_per_data_task, concurrency=cfg.max_data_tasks)
 
@@ -192,18 +211,21 @@ def build_dataset(cfg: DataConfig, processor: str, split: str, *, ledger=None,
     whose processor to use; `keep_ids` (audiocap_ids) restricts the rows, e.g. to one row per clip for
     evaluation.
 
-    The driver plans (shard, row group) units from the parquet footers, and one task reads, decodes and
-    featurizes a unit: the encoded audio never travels through the object store, and the first examples
-    flow as soon as one row group is done. `part` = (i, n) keeps every n-th unit from the i-th: one
-    trainer rank's own share of the plan, in plan order.
+    The driver plans the shards' row groups from the parquet footers; `part` = (i, n) keeps every n-th from
+    the i-th (one trainer rank's own share, in plan order), and `task_units` joins them into tasks of at least
+    `rows_per_task` rows. One task reads, decodes and featurizes its row groups: the encoded audio never
+    travels through the object store, and its examples flow a block (`block_mb`) at a time as it goes.
     """
     files, plan = plan_row_groups(cfg, split, epoch, epochs)
-    plan = plan[part[0]::part[1]]
+    units = task_units(plan[part[0]::part[1]], cfg.rows_per_task)
     decode = dict(split=split, max_seconds=cfg.max_audio_seconds, quality=cfg.resample_quality,
                   keep_ids=keep_ids, ledger=ledger)
     featurize = dict(processor=processor, prompt=cfg.prompt, split=split, ledger=ledger)
-    return units_dataset(plan).map_batches(
+    ds = units_dataset(units).map_batches(
         examples_from_row_groups, batch_size=1, batch_format="numpy", num_cpus=cfg.cpus_per_data_task,
         concurrency=cfg.max_data_tasks,
         fn_kwargs=dict(filesystem=files.filesystem, rows_per_batch=cfg.decode_batch_size, decode=decode,
                        featurize=featurize))
+    if cfg.block_mb is not None:  # this dataset's own context: other datasets keep theirs
+        ds.context.target_max_block_size = int(cfg.block_mb * 2**20)
+    return ds

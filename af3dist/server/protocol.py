@@ -322,8 +322,9 @@ class PromptChecker:
 
     def __init__(self, tokenizer: Any, cfg: ServeConfig):
         self.tokenizer, self.cfg = tokenizer, cfg
-        added = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
-        self.forbidden = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True) if t))
+        from af3dist.data.features import special_token_pattern  # the data plane's one rule (torch: lazily)
+
+        self.forbidden = special_token_pattern(tokenizer)
 
     def check(self, turns: Sequence[ChatTurn]) -> None:
         """The text of every turn (system and assistant turns too: the model reads them all), the limits on
@@ -331,7 +332,7 @@ class PromptChecker:
         check_prompt_chars("".join(t.text for t in turns), self.cfg)
         n = 0
         for turn in turns:
-            if turn.text and self.forbidden.pattern and self.forbidden.search(turn.text):
+            if turn.text and self.forbidden and self.forbidden.search(turn.text):
                 raise ApiError(400, "the prompt holds a special token of the model (such as <sound>); remove it",
                                param=turn.param, code="special_token_in_prompt")
             n += len(self.tokenizer(turn.text, add_special_tokens=False)["input_ids"]) if turn.text else 0
