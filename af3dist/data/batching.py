@@ -14,7 +14,6 @@ elsewhere (`Featurizer` outputs, which carry `input_features`) are taken as they
 
 from __future__ import annotations
 
-import itertools
 import random
 from collections.abc import Iterable, Iterator
 from typing import Literal
@@ -145,13 +144,10 @@ def bucket_batches(pools: Iterable[list[Row]], batch_size: int, seed: int,
         yield from batches
 
 
-def pools_of(batches: Iterable[dict[str, np.ndarray]], sizes: int | Iterable[int]) -> Iterator[list[Row]]:
-    """Rows from columnar batches of any sizes, regrouped into pools of `sizes` rows (one size for every pool,
-    or one per pool in turn) in stream order, the last one holding the rest: the same pools whatever the block
-    boundaries."""
-    sizes = iter(itertools.repeat(sizes) if isinstance(sizes, int) else sizes)
+def pools_of(batches: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[list[Row]]:
+    """Rows from columnar batches of any sizes, regrouped into pools of exactly `size` rows in stream order
+    (the last one holds the rest): the same pools whatever the block boundaries."""
     pool: list[Row] = []
-    size = next(sizes)
     for batch in batches:
         rows = rows_of(batch)
         while rows:
@@ -160,7 +156,7 @@ def pools_of(batches: Iterable[dict[str, np.ndarray]], sizes: int | Iterable[int
             rows = rows[take:]
             if len(pool) == size:
                 yield pool
-                pool, size = [], next(sizes)
+                pool = []
     if pool:
         yield pool
 

@@ -1,8 +1,8 @@
 """Turn a 16 kHz waveform (and its caption) into AF3 model inputs with the model's own processor.
 
 The processor computes the log-mel windows and the `<sound>` count of each clip, its chat template renders
-the text, and `<sound>` is expanded to one token per audio frame. Training labels are built here: the loss covers the assistant's caption and its
-closing `<|im_end|>` only (the processor's `output_labels=True` would also train on the system prompt,
+the text, and `<sound>` is expanded to one token per audio frame. Training labels are built here: the loss
+covers the assistant's caption and its closing `<|im_end|>` only (the processor's `output_labels=True` would also train on the system prompt,
 the user prompt and the role tags).
 """
 
