@@ -44,8 +44,10 @@ def processor(tiny_model_dir):
 def ray_local():
     import ray
 
+    from af3dist.cluster import local_ray_options
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(**local_ray_options(num_cpus=2), log_to_driver=False)
     yield ray
     ray.shutdown()
 
