@@ -167,3 +167,21 @@ def test_pools_are_cut_from_the_row_stream_whatever_the_blocks():
         pools = [[int(r["i"]) for r in pool] for pool in pools_of(blocks, 8)]
         assert pools == [list(range(k, min(k + 8, 44))) for k in range(0, 44, 8)]
 
+
+
+def test_pools_grow_from_one_batch_to_the_full_pool_whatever_the_blocks():
+    import itertools
+
+    from af3dist.data.batching import pool_sizes, pools_of
+
+    assert list(itertools.islice(pool_sizes(8, 16), 7)) == [8, 16, 32, 64, 128, 128, 128]
+    assert list(itertools.islice(pool_sizes(8, 6), 5)) == [8, 16, 32, 48, 48]
+    assert list(itertools.islice(pool_sizes(4, 1), 3)) == [4, 4, 4]
+    stream = np.arange(100)
+    for sizes in ([100], [3, 7, 1, 20, 13, 56], [1] * 100):
+        bounds = np.cumsum([0, *sizes])
+        blocks = [{"i": stream[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]
+        pools = [[int(r["i"]) for r in pool] for pool in pools_of(blocks, pool_sizes(4, 8))]
+        # 4, 8, 16, then 32 rows a pool, the last one the rest
+        assert [len(p) for p in pools] == [4, 8, 16, 32, 32, 8]
+        assert sum(pools, []) == list(range(100))

@@ -14,6 +14,7 @@ elsewhere (`Featurizer` outputs, which carry `input_features`) are taken as they
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterable, Iterator
 from typing import Literal
@@ -144,10 +145,25 @@ def bucket_batches(pools: Iterable[list[Row]], batch_size: int, seed: int,
         yield from batches
 
 
-def pools_of(batches: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[list[Row]]:
-    """Rows from columnar batches of any sizes, regrouped into pools of exactly `size` rows in stream order
-    (the last one holds the rest): the same pools whatever the block boundaries."""
+def pool_sizes(batch_size: int, pool_batches: int) -> Iterator[int]:
+    """Rows per pool: one batch first, doubling up to `pool_batches` batches, which every later pool holds.
+    The first batch of a stream waits for one batch of rows instead of a whole pool (a pool of 16 batches of
+    8 clips is 128 decodes); only the first few batches of a stream are bucketed from fewer rows."""
+    size = batch_size
+    while size < batch_size * pool_batches:
+        yield size
+        size *= 2
+    while True:
+        yield batch_size * pool_batches
+
+
+def pools_of(batches: Iterable[dict[str, np.ndarray]], sizes: int | Iterable[int]) -> Iterator[list[Row]]:
+    """Rows from columnar batches of any sizes, regrouped into pools of `sizes` rows (one size for every pool,
+    or one per pool in turn) in stream order, the last one holding the rest: the same pools whatever the block
+    boundaries."""
+    sizes = iter(itertools.repeat(sizes) if isinstance(sizes, int) else sizes)
     pool: list[Row] = []
+    size = next(sizes)
     for batch in batches:
         rows = rows_of(batch)
         while rows:
@@ -156,24 +172,25 @@ def pools_of(batches: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[li
             rows = rows[take:]
             if len(pool) == size:
                 yield pool
-                pool = []
+                pool, size = [], next(sizes)
     if pool:
         yield pool
 
 
 def iter_bucketed(dataset_iter, batch_size: int, pool_batches: int, seed: int, prefetch_batches: int = 2,
                   max_tokens: int | None = None) -> Iterator[list[Row]]:
-    """Batches of rows from a Ray Data DataIterator or Dataset, length-bucketed within pools of
-    batch_size x pool_batches rows.
+    """Batches of rows from a Ray Data DataIterator or Dataset, length-bucketed within pools of up to
+    batch_size x pool_batches rows (`pool_sizes`: the first pools of a stream are smaller, so its first batch
+    comes after one batch of clips). The pools, and so the batches, are the same on every pass over the same
+    stream: resume counts batches.
 
     Pools are cut from Ray Data's blocks as they come (`iter_batches(batch_size=None)`): no copy of the rows
     into new blocks and no more fetches than blocks. Ray hands a block on once the `prefetch_batches` blocks
     after it are ready too, so how early the first rows arrive rests on the blocks' size (`data.block_mb`).
-    Tried: pools that start at one batch and grow brought the first step forward (first delivery 3.8 -> 1.3 s)
-    but cost the tiny trainer samples/s on 2 cores (whether fetched as many small iter_batches batches, a
-    third, or cut from whole blocks, 17 -> 11 samples/s in one session's side-by-side runs)."""
+    (An earlier measurement that growing pools cost the trainer samples/s was Ray killing idle data workers
+    at random pauses, see af3dist.cluster.IDLE_WORKERS_KEPT, not the pools.)"""
     blocks = dataset_iter.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches)
-    return bucket_batches(pools_of(blocks, batch_size * pool_batches), batch_size, seed, max_tokens)
+    return bucket_batches(pools_of(blocks, pool_sizes(batch_size, pool_batches)), batch_size, seed, max_tokens)
 
 
 def collate(rows: list[Row], pad_token_id: int, frames: Frames = "window") -> dict[str, torch.Tensor]:
