@@ -102,7 +102,8 @@ class DataConfig(_Section):
     max_data_tasks: int | None = Field(None, ge=1, description="cap on concurrent decode/featurize tasks")
     error_rate_ceiling: float = Field(0.2, ge=0, le=1)
     min_rows_before_ceiling: int = Field(50, ge=1)
-    bucket_pool_batches: int = Field(16, ge=1, description="batches pooled and sorted by length")
+    bucket_pool_batches: int = Field(16, ge=1, description="batches pooled and sorted by length (a stream's "
+                                     "first pools hold 1, 2, 4, ... batches)")
     block_mb: float | None = Field(4.0, gt=0, description="Ray Data block size (MiB) of the examples: a data task "
                                    "hands its rows on a block at a time as it goes, so the first rows reach the "
                                    "consumer after a few clips, not a whole row group; null: Ray's default")

@@ -42,6 +42,9 @@ CPUS="${AF3_CPUS_PER_NODE:-2}"
 OBJ_MB="${AF3_OBJECT_STORE_MB:-512}"
 export RAY_AUTH_MODE=token
 export RAY_USAGE_STATS_ENABLED=0
+# Small nodes keep their idle data workers, as a local instance does (af3dist/cluster.py, IDLE_WORKERS_KEPT):
+# with Ray's default, a pause of the data plane beside fractional-CPU actors gets them killed and restarted.
+export RAY_num_workers_soft_limit="${RAY_num_workers_soft_limit:-8}"
 export AF3DIST_LOCAL_CLUSTER="$DIR"
 
 # N distinct free ports: bound together, so that two of them can never be the same port (one at a time, the
