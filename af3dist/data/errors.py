@@ -77,8 +77,40 @@ class ErrorLedger(ErrorCounts):
         return self.check(1)
 
 
-def report_errors(ledger, seen: int, errors: list[dict]) -> None:
-    """Called by data tasks: record a batch's dropped rows, and fail the run past the ceiling."""
+class Reports:
+    """A data task's reports to the ledger, sent without waiting for each to land: a blocking round trip per
+    decode batch held the task idle for the actor's reply. A reply that says the ceiling is passed raises at the
+    next report; `flush` (at the end of the task) waits for all of them, so the counts are complete, and the
+    ceiling checked, when the task's last rows are handed on."""
+
+    def __init__(self, ledger):
+        self.ledger = ledger
+        self.pending: list = []
+
+    def report(self, seen: int, errors: list[dict]) -> None:
+        if self.ledger is None or (seen == 0 and not errors):
+            return
+        self.pending.append(self.ledger.record.remote(seen, errors))
+        done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
+        self._raise_if_over(done)
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        self._raise_if_over(pending)
+
+    @staticmethod
+    def _raise_if_over(refs: list) -> None:
+        for message in ray.get(refs) if refs else []:
+            if message:
+                raise DataQualityError(message)
+
+
+def report_errors(ledger, seen: int, errors: list[dict], reports: Reports | None = None) -> None:
+    """Called by data tasks: record a batch's dropped rows, and fail the run past the ceiling. With `reports`
+    (one per task), the record is sent without waiting for it (see Reports)."""
+    if reports is not None:
+        reports.report(seen, errors)
+        return
     if ledger is None:
         return
     message = ray.get(ledger.record.remote(seen, errors))
