@@ -88,6 +88,8 @@ class Reports:
         self.pending: list = []
 
     def report(self, seen: int, errors: list[dict]) -> None:
+        """Record a batch's seen count and dropped rows; DataQualityError once a landed reply says the ceiling
+        is passed."""
         if self.ledger is None or (seen == 0 and not errors):
             return
         self.pending.append(self.ledger.record.remote(seen, errors))
@@ -103,16 +105,3 @@ class Reports:
         for message in ray.get(refs) if refs else []:
             if message:
                 raise DataQualityError(message)
-
-
-def report_errors(ledger, seen: int, errors: list[dict], reports: Reports | None = None) -> None:
-    """Called by data tasks: record a batch's dropped rows, and fail the run past the ceiling. With `reports`
-    (one per task), the record is sent without waiting for it (see Reports)."""
-    if reports is not None:
-        reports.report(seen, errors)
-        return
-    if ledger is None:
-        return
-    message = ray.get(ledger.record.remote(seen, errors))
-    if message:
-        raise DataQualityError(message)

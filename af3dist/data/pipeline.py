@@ -24,7 +24,7 @@ from ray.data import Dataset
 from af3dist.config import DataConfig
 from af3dist.data.audio import TARGET_SAMPLING_RATE, ClipError, load_waveform
 from af3dist.data.batching import compact_windows
-from af3dist.data.errors import Reports, report_errors
+from af3dist.data.errors import Reports
 from af3dist.data.features import Featurizer
 from af3dist.data.source import AUDIOCAPS_COLUMNS, SplitFiles, clip_key, split_files
 
@@ -49,8 +49,7 @@ def _error(row_id: Any, split: str, reason: str, detail: str) -> dict:
 
 
 def decode_rows(batch: dict[str, np.ndarray], *, split: str, max_seconds: float, quality: str,
-                keep_ids: frozenset | None = None, ledger=None,
-                reports: Reports | None = None) -> dict[str, np.ndarray]:
+                keep_ids: frozenset | None = None, reports: Reports | None = None) -> dict[str, np.ndarray]:
     """Encoded audio -> validated 16 kHz mono waveforms; bad rows are dropped and reported."""
     out: dict[str, list] = {"id": [], "clip_id": [], "caption": [], "duration_s": [], "waveform": []}
     errors = []
@@ -74,7 +73,8 @@ def decode_rows(batch: dict[str, np.ndarray], *, split: str, max_seconds: float,
         out["caption"].append(str(caption).strip())
         out["duration_s"].append(len(waveform) / TARGET_SAMPLING_RATE)
         out["waveform"].append(waveform)
-    report_errors(ledger, n_seen, errors, reports)
+    if reports is not None:
+        reports.report(n_seen, errors)
     return {
         "id": np.array(out["id"], dtype=object),
         "clip_id": np.array(out["clip_id"], dtype=object),
@@ -85,7 +85,7 @@ def decode_rows(batch: dict[str, np.ndarray], *, split: str, max_seconds: float,
 
 
 def featurize_rows(batch: dict[str, np.ndarray], *, processor: str, prompt: str, split: str,
-                   ledger=None, reports: Reports | None = None) -> dict[str, np.ndarray]:
+                   reports: Reports | None = None) -> dict[str, np.ndarray]:
     """Waveforms + captions -> input_ids, labels, compact log-mel windows and masks, one row per clip."""
     featurizer = Featurizer.from_pretrained(processor, prompt)
     cols: dict[str, list] = {c: [] for c in EXAMPLE_COLUMNS}
@@ -105,8 +105,8 @@ def featurize_rows(batch: dict[str, np.ndarray], *, processor: str, prompt: str,
         cols["sound_pad"].append(pad)
         for c in ("input_ids", "labels", "input_features_mask"):
             cols[c].append(ex[c])
-    if errors:  # these rows were already counted as seen by decode_rows
-        report_errors(ledger, 0, errors, reports)
+    if errors and reports is not None:  # these rows were already counted as seen by decode_rows
+        reports.report(0, errors)
     return {
         "id": np.array(cols["id"], dtype=object),
         "clip_id": np.array(cols["clip_id"], dtype=object),
@@ -162,11 +162,12 @@ def task_units(plan: list[dict], rows_per_task: int) -> list[dict]:
 
 
 def examples_from_row_groups(batch: dict[str, np.ndarray], *, filesystem, rows_per_batch: int,
-                             decode: dict[str, Any], featurize: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+                             decode: dict[str, Any], featurize: dict[str, Any],
+                             ledger=None) -> Iterator[dict[str, np.ndarray]]:
     """Read units -> model-ready examples, `rows_per_batch` rows at a time, in one task. The task's error
     reports go to the ledger without a round trip per batch, all landed before the task ends (a pass ends
     only when its tasks have)."""
-    reports = Reports(decode.get("ledger"))
+    reports = Reports(ledger)
     for rows in row_group_rows(batch, filesystem=filesystem, rows_per_batch=rows_per_batch):
         yield featurize_rows(decode_rows(rows, **decode, reports=reports), **featurize, reports=reports)
     reports.flush()
@@ -224,13 +225,13 @@ def build_dataset(cfg: DataConfig, processor: str, split: str, *, ledger=None,
     files, plan = plan_row_groups(cfg, split, epoch, epochs)
     units = task_units(plan[part[0]::part[1]], cfg.rows_per_task)
     decode = dict(split=split, max_seconds=cfg.max_audio_seconds, quality=cfg.resample_quality,
-                  keep_ids=keep_ids, ledger=ledger)
-    featurize = dict(processor=processor, prompt=cfg.prompt, split=split, ledger=ledger)
+                  keep_ids=keep_ids)
+    featurize = dict(processor=processor, prompt=cfg.prompt, split=split)
     ds = units_dataset(units).map_batches(
         examples_from_row_groups, batch_size=1, batch_format="numpy", num_cpus=cfg.cpus_per_data_task,
         concurrency=cfg.max_data_tasks,
         fn_kwargs=dict(filesystem=files.filesystem, rows_per_batch=cfg.decode_batch_size, decode=decode,
-                       featurize=featurize))
+                       featurize=featurize, ledger=ledger))
     if cfg.block_mb is not None:  # this dataset's own context: other datasets keep theirs
         ds.context.target_max_block_size = int(cfg.block_mb * 2**20)
     return ds
