@@ -23,7 +23,11 @@ IDLE_WORKERS_KEPT = 8
 
 def local_ray_options(num_cpus: int | None = None) -> dict:
     """ray.init keyword arguments for a local instance, as every entrypoint (and the tests) start one."""
-    soft_limit = int(os.environ.get("RAY_num_workers_soft_limit", IDLE_WORKERS_KEPT))
+    value = os.environ.get("RAY_num_workers_soft_limit", str(IDLE_WORKERS_KEPT))
+    try:
+        soft_limit = int(value)
+    except ValueError:
+        raise ConfigError(f"RAY_num_workers_soft_limit must be an integer, not {value!r}") from None
     return {"num_cpus": num_cpus, "include_dashboard": False,
             "_system_config": {"num_workers_soft_limit": soft_limit}}
 

@@ -501,3 +501,16 @@ def test_a_local_instance_keeps_its_idle_data_workers(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     pids = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(pids["first"]) == 2 and pids["second"] == pids["first"], pids
+
+
+def test_local_ray_options_take_the_idle_worker_limit_from_the_env(monkeypatch):
+    from af3dist.cluster import IDLE_WORKERS_KEPT, local_ray_options
+    from af3dist.config import ConfigError
+
+    monkeypatch.delenv("RAY_num_workers_soft_limit", raising=False)
+    assert local_ray_options(2)["_system_config"] == {"num_workers_soft_limit": IDLE_WORKERS_KEPT}
+    monkeypatch.setenv("RAY_num_workers_soft_limit", "3")
+    assert local_ray_options(2)["_system_config"] == {"num_workers_soft_limit": 3}
+    monkeypatch.setenv("RAY_num_workers_soft_limit", "eight; rm -rf /")
+    with pytest.raises(ConfigError, match="must be an integer"):
+        local_ray_options(2)
