@@ -27,7 +27,9 @@ Timing, identical for seed/ray_1/ray_n: one-time startup is left out (interprete
 every Ray worker made to load the processor, then a warm-up pass over the `warmup` split); then
 --repeats whole passes over the train split, each timed from the start of iteration to the last
 collated batch; the fastest is reported. Per-epoch costs (Ray Data planning, file listing, first read, pipeline fill/drain) stay in.
-Every way gets the same batch size. On a shared machine, --autogroup-nice -10 (root) shields every way
+Every way gets the same batch size. bare and ray_1 also run as --pairs back-to-back pairs: the
+host's speed drifts by a third within an hour here, so `ray_1_vs_bare` is the median of the pairs' ratios.
+On a shared machine, --autogroup-nice -10 (root) shields every way
 alike from other sessions' load; the table shows how much other load there was and how long our threads
 waited for a CPU. The last line printed is one JSON object.
 """
@@ -44,6 +46,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import numpy as np
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -464,7 +468,11 @@ def main() -> None:
     p.add_argument("--collate-frames", default="needed", choices=("needed", "window"),
                    help="the Ray runs' collate: the frames the padding-free encoder reads (the trainer's) or "
                         "whole 30 s windows")
-    p.add_argument("--modes", default="bare,seed,ray_1,ray_n,decoder")
+    p.add_argument("--modes", default="bare,ray_1,seed,ray_n,decoder")
+    p.add_argument("--pairs", type=int, default=3,
+                   help="bare/ray_1 pairs, each run back to back (the first is the --modes run's own when ray_1 "
+                        "follows bare there); ray_1_vs_bare is the median of the pairs' ratios, so that the "
+                        "host's drift between runs minutes apart cancels")
     p.add_argument("--quiet-wait", type=float, default=30,
                    help="before each way, wait up to this many seconds for other load to drop")
     p.add_argument("--autogroup-nice", type=int, default=None,
@@ -515,6 +523,17 @@ def main() -> None:
             print(f"== {m}", flush=True)
             busy_before[m] = wait_quiet(args.quiet_wait, args.quiet_share) if args.quiet_wait > 0 else None
             results[m] = run_child(m, ctx, args.timeout)
+        pairs = []  # (bare, ray_1) results run back to back
+        if "bare" in modes and "ray_1" in modes:
+            if modes.index("ray_1") == modes.index("bare") + 1:
+                pairs.append((results["bare"], results["ray_1"]))
+            while len(pairs) < args.pairs:
+                print(f"== pair {len(pairs) + 1} of {args.pairs}: bare, ray_1", flush=True)
+                pair = []
+                for m in ("bare", "ray_1"):
+                    wait_quiet(args.quiet_wait, args.quiet_share) if args.quiet_wait > 0 else None
+                    pair.append(run_child(m, ctx, args.timeout))
+                pairs.append(tuple(pair))
     finally:
         if restore_autogroup is not None:
             set_autogroup_nice(restore_autogroup)
@@ -526,6 +545,9 @@ def main() -> None:
 
     def ratio(a, b):
         return round(a / b, 3) if a and b else None
+
+    pair_ratios = [ratio(r["clips_per_s"], b["clips_per_s"]) for b, r in pairs]
+    pair_ratios = [x for x in pair_ratios if x is not None]
 
     print()
     print("clips/s: bare = clips / (decode+resample+log-mel time, one process, one thread); the others = "
@@ -565,7 +587,9 @@ def main() -> None:
         "vs_seed": ratio(rate("ray_n"), rate("seed")),
         "scaling": ratio(rate("ray_n"), rate("ray_1")),
         "bare_one_core_clips_per_s": rate("bare"),
-        "ray_1_vs_bare": ratio(rate("ray_1"), rate("bare")),
+        "ray_1_vs_bare": float(np.median(pair_ratios)) if pair_ratios else ratio(rate("ray_1"), rate("bare")),
+        "ray_1_vs_bare_pairs": [{"bare": b["clips_per_s"], "ray_1": r["clips_per_s"], "ratio": x}
+                                for (b, r), x in zip(pairs, pair_ratios)],
         "bare_full_featurize_clips_per_s": results.get("bare", {}).get("full_featurize_clips_per_s"),
         "seed_decoder": results.get("seed", {}).get("decoder"),
         "bare_cpu_clips_per_s": results.get("bare", {}).get("cpu_clips_per_s"),
