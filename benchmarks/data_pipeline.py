@@ -44,10 +44,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import statistics
 import tempfile
 import time
-
-import numpy as np
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -519,21 +518,20 @@ def main() -> None:
                "batch_size": args.batch_size, "n_workers": args.n_workers, "overrides": overrides,
                "resample_quality": resample_quality, "repeats": args.repeats,
                "ray_block_mb": args.ray_block_mb, "verbose": args.verbose, "collate_frames": args.collate_frames}
+        def run_way(m: str) -> dict:
+            busy_before[m] = wait_quiet(args.quiet_wait, args.quiet_share) if args.quiet_wait > 0 else None
+            return run_child(m, ctx, args.timeout)
+
         for m in modes:
             print(f"== {m}", flush=True)
-            busy_before[m] = wait_quiet(args.quiet_wait, args.quiet_share) if args.quiet_wait > 0 else None
-            results[m] = run_child(m, ctx, args.timeout)
+            results[m] = run_way(m)
         pairs = []  # (bare, ray_1) results run back to back
         if "bare" in modes and "ray_1" in modes:
             if modes.index("ray_1") == modes.index("bare") + 1:
                 pairs.append((results["bare"], results["ray_1"]))
             while len(pairs) < args.pairs:
                 print(f"== pair {len(pairs) + 1} of {args.pairs}: bare, ray_1", flush=True)
-                pair = []
-                for m in ("bare", "ray_1"):
-                    wait_quiet(args.quiet_wait, args.quiet_share) if args.quiet_wait > 0 else None
-                    pair.append(run_child(m, ctx, args.timeout))
-                pairs.append(tuple(pair))
+                pairs.append((run_way("bare"), run_way("ray_1")))
     finally:
         if restore_autogroup is not None:
             set_autogroup_nice(restore_autogroup)
@@ -546,8 +544,9 @@ def main() -> None:
     def ratio(a, b):
         return round(a / b, 3) if a and b else None
 
-    pair_ratios = [ratio(r["clips_per_s"], b["clips_per_s"]) for b, r in pairs]
-    pair_ratios = [x for x in pair_ratios if x is not None]
+    pair_rows = [{"bare": b["clips_per_s"], "ray_1": r["clips_per_s"], "ratio": ratio(r["clips_per_s"], b["clips_per_s"])}
+                 for b, r in pairs]
+    pair_ratios = [row["ratio"] for row in pair_rows if row["ratio"] is not None]
 
     print()
     print("clips/s: bare = clips / (decode+resample+log-mel time, one process, one thread); the others = "
@@ -587,9 +586,8 @@ def main() -> None:
         "vs_seed": ratio(rate("ray_n"), rate("seed")),
         "scaling": ratio(rate("ray_n"), rate("ray_1")),
         "bare_one_core_clips_per_s": rate("bare"),
-        "ray_1_vs_bare": float(np.median(pair_ratios)) if pair_ratios else ratio(rate("ray_1"), rate("bare")),
-        "ray_1_vs_bare_pairs": [{"bare": b["clips_per_s"], "ray_1": r["clips_per_s"], "ratio": x}
-                                for (b, r), x in zip(pairs, pair_ratios)],
+        "ray_1_vs_bare": statistics.median(pair_ratios) if pair_ratios else ratio(rate("ray_1"), rate("bare")),
+        "ray_1_vs_bare_pairs": pair_rows,
         "bare_full_featurize_clips_per_s": results.get("bare", {}).get("full_featurize_clips_per_s"),
         "seed_decoder": results.get("seed", {}).get("decoder"),
         "bare_cpu_clips_per_s": results.get("bare", {}).get("cpu_clips_per_s"),
