@@ -95,9 +95,9 @@ class DataConfig(_Section):
     max_audio_seconds: float = Field(30.0, gt=0, description="longer clips are dropped as too_long")
     resample_quality: Literal["VHQ", "HQ", "MQ", "LQ", "QQ"] = "HQ"
     decode_batch_size: int = Field(16, ge=1, description="rows a data task decodes and featurizes at a time")
-    rows_per_task: int = Field(256, ge=1, description="a data task reads consecutive row groups of one shard "
-                               "until it holds at least this many rows: fewer, longer tasks (each costs Ray a "
-                               "scheduling round trip), whose rows still flow a block at a time")
+    rows_per_task: int = Field(256, ge=1, description="a data task reads consecutive row groups of the read plan, "
+                               "across shards, until it holds at least this many rows: fewer, longer tasks (each "
+                               "costs Ray a scheduling round trip), whose rows still flow a block at a time")
     cpus_per_data_task: float = Field(1.0, gt=0)
     max_data_tasks: int | None = Field(None, ge=1, description="cap on concurrent decode/featurize tasks")
     error_rate_ceiling: float = Field(0.2, ge=0, le=1)

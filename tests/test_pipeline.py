@@ -183,3 +183,48 @@ def test_several_passes_stream_every_row_once_per_pass(tiny_config):
     assert len(three) == 3 * len(one)
     assert all(three.count(i) == 3 for i in set(one))
     assert three[: len(one)] == one  # pass 0 comes first, in its seeded order
+
+
+def test_task_units_join_small_shards_in_plan_order():
+    from af3dist.data.pipeline import task_units
+
+    plan = [{"path": p, "row_group": g, "rows": 50} for p, g in
+            [("a", 0), ("a", 1), ("b", 0), ("c", 0), ("c", 1), ("a", 2), ("d", 0)]]
+    tasks = task_units(plan, rows_per_task=120)
+    # tasks of at least 120 rows, across shards; one unit per run of one shard's consecutive row groups
+    assert tasks == [[{"path": "a", "row_groups": [0, 1], "rows": 100}, {"path": "b", "row_groups": [0], "rows": 50}],
+                     [{"path": "c", "row_groups": [0, 1], "rows": 100}, {"path": "a", "row_groups": [2], "rows": 50}],
+                     [{"path": "d", "row_groups": [0], "rows": 50}]]
+    assert [(u["path"], g) for t in tasks for u in t for g in u["row_groups"]] == \
+        [(e["path"], e["row_group"]) for e in plan]
+    assert task_units(plan, 1) == [[{"path": e["path"], "row_groups": [e["row_group"]], "rows": 50}] for e in plan]
+    assert task_units([], 10) == []
+
+
+def test_a_tasks_reports_are_batched_and_complete():
+    """A data task sends seen-row counts at most once per `every_s` (not one remote call per decode batch), sends
+    dropped rows at once together with every row it has seen before them, and has sent all when it flushes."""
+    from af3dist.data.errors import Reports
+
+    ledger = ErrorLedger.remote(0.5, 1)
+    reports = Reports(ledger, every_s=3600)
+    for _ in range(5):
+        reports.report(8, [])
+    assert ray.get(ledger.get_summary.remote())["rows_seen"] == 0  # nothing sent yet (calls land in order)
+    bad = {"id": "7", "split": "train", "reason": "corrupt", "detail": "truncated"}
+    reports.report(8, [bad])
+    assert ray.get(ledger.get_summary.remote()) == {"rows_seen": 48, "rows_dropped": 1,
+                                                    "dropped_by_reason": {"corrupt": 1}}
+    reports.report(8, [])
+    reports.flush()
+    assert ray.get(ledger.get_summary.remote())["rows_seen"] == 56 and not reports.pending
+
+    every = Reports(ledger, every_s=0)  # no batching: each report is sent
+    every.report(4, [])
+    every.flush()
+    assert ray.get(ledger.get_summary.remote())["rows_seen"] == 60
+
+    strict = Reports(ErrorLedger.remote(0.2, 1), every_s=3600)
+    strict.report(4, [bad, bad])  # 2 of 4 dropped, over a 20% ceiling: raised once the reply has landed
+    with pytest.raises(DataQualityError, match="over the error-rate ceiling"):
+        strict.flush()

@@ -256,9 +256,9 @@ def build_pipeline(cfg: CaptionBatchConfig, plan: InputPlan, todo: list[int], pr
         columns = ["audio", plan.key_column] + (["youtube_id", "start_time"] if plan.key_column == "audiocap_id"
                                                 else [])
         # one task per parquet row group reads, picks and featurizes its rows (the training pipeline's reader)
-        units = [{"path": path, "row_groups": [group]} for path, group in plan.row_groups]
-        ds = units_dataset(units, preserve_order=False).map_batches(
-            clip_rows_from_row_groups, batch_size=1, batch_format="numpy", num_cpus=cfg.cpus_per_task,
+        tasks = [[{"path": path, "row_groups": [group]}] for path, group in plan.row_groups]
+        ds = units_dataset(tasks, preserve_order=False).map_batches(
+            clip_rows_from_row_groups, batch_size=None, batch_format="numpy", num_cpus=cfg.cpus_per_task,
             fn_kwargs=dict(filesystem=files.filesystem, columns=columns, rows_per_batch=cfg.read_batch_size,
                            pick=dict(key_column=plan.key_column, keep=frozenset(plan.row_keys[i] for i in todo)),
                            featurize=featurize))

@@ -1,7 +1,7 @@
 """The Ray Data pipeline: AudioCaps parquet -> decoded 16 kHz audio -> AF3 model inputs, streaming.
 
-Stages, all in one CPU task per read unit (consecutive parquet row groups of one shard, `task_units`),
-spread over the cluster's CPUs:
+Stages, all in one CPU task per run of consecutive parquet row groups (`task_units`: at least
+`data.rows_per_task` rows, across shards), spread over the cluster's CPUs:
   read_row_groups (shards shuffled from a seed) -> decode_rows (decode, downmix, resample, validate)
   -> featurize_rows (log-mel windows, chat template, `<sound>` expansion, labels).
 Rows that cannot become training examples are dropped and reported to an ErrorLedger.
@@ -35,6 +35,8 @@ from af3dist.data.source import AUDIOCAPS_COLUMNS, SplitFiles, clip_key, split_f
 EXAMPLE_COLUMNS = ["id", "clip_id", "caption", "duration_s", "num_tokens", "num_windows",
                    "input_ids", "labels", "sound_features", "sound_pad", "input_features_mask"]
 RAGGED_COLUMNS = ("input_ids", "labels", "sound_features", "sound_pad", "input_features_mask")
+# A read unit: consecutive row groups of one parquet shard (`task_units` makes them, `read_row_groups` reads them).
+UNITS_SCHEMA = pa.schema([("path", pa.string()), ("row_groups", pa.list_(pa.int64()))])
 
 
 def ragged(items: list[np.ndarray]) -> np.ndarray:
@@ -146,19 +148,25 @@ def row_group_rows(batch: dict[str, np.ndarray], *, filesystem, rows_per_batch: 
             yield chunk.to_pydict()
 
 
-def task_units(plan: list[dict], rows_per_task: int) -> list[dict]:
-    """Read units for tasks: runs of consecutive plan entries (row groups) of one shard joined until each holds
-    at least `rows_per_task` rows. Every task costs Ray a scheduling round trip (tens of ms on a busy node),
-    so small row groups make fewer, longer tasks; the order of the rows is the plan's."""
-    units: list[dict] = []
+def task_units(plan: list[dict], rows_per_task: int) -> list[list[dict]]:
+    """The plan's row groups ({"path", "row_group", "rows"}) cut into tasks: runs of consecutive entries, across
+    shards, of at least `rows_per_task` rows, each a list of read units ({"path", "row_groups", "rows"}: one
+    shard's consecutive row groups). Every task costs Ray a scheduling round trip (tens of ms on a busy node),
+    so small row groups and small shards make fewer, longer tasks; the order of the rows is the plan's."""
+    tasks: list[list[dict]] = []
+    rows = rows_per_task  # rows in the last task: a full one opens the next
     for entry in plan:
-        last = units[-1] if units else None
-        if last and last["path"] == entry["path"] and last["rows"] < rows_per_task:
-            last["row_groups"].append(entry["row_group"])
-            last["rows"] += entry["rows"]
+        if rows >= rows_per_task:
+            tasks.append([])
+            rows = 0
+        units = tasks[-1]
+        if units and units[-1]["path"] == entry["path"]:
+            units[-1]["row_groups"].append(entry["row_group"])
+            units[-1]["rows"] += entry["rows"]
         else:
             units.append({"path": entry["path"], "row_groups": [entry["row_group"]], "rows": entry["rows"]})
-    return units
+        rows += entry["rows"]
+    return tasks
 
 
 def examples_from_row_groups(batch: dict[str, np.ndarray], *, filesystem, rows_per_batch: int,
@@ -192,11 +200,13 @@ def plan_row_groups(cfg: DataConfig, split: str, epoch: int = 0, epochs: int = 1
     return files, plan
 
 
-def units_dataset(units: list[dict], preserve_order: bool = True) -> Dataset:
-    """Read units ({"path", "row_groups"} dicts) as a dataset of one unit per block, so that each map task
-    covers one unit; with `preserve_order` (training: a seed always gives the same row order) results come
-    out in plan order."""
-    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+def units_dataset(tasks: list[list[dict]], preserve_order: bool = True) -> Dataset:
+    """Tasks (lists of read units, {"path", "row_groups"} dicts) as a dataset of one block per task, so that
+    each map task (`map_batches(batch_size=None)`) reads one task's units; with `preserve_order` (training: a
+    seed always gives the same row order) results come out in plan order."""
+    blocks = [pa.Table.from_pylist([{"path": u["path"], "row_groups": list(u["row_groups"])} for u in units],
+                                   schema=UNITS_SCHEMA) for units in tasks]
+    ds = ray.data.from_arrow(blocks or [UNITS_SCHEMA.empty_table()])
     ds.context.execution_options.preserve_order = preserve_order
     return ds
 
@@ -205,7 +215,7 @@ def read_split(cfg: DataConfig, split: str, epoch: int = 0, epochs: int = 1) -> 
     """The split's raw AudioCaps rows, streamed, for `epochs` passes starting at pass `epoch`."""
     files, plan = plan_row_groups(cfg, split, epoch, epochs)
     return units_dataset(task_units(plan, cfg.rows_per_task)).map_batches(
-        read_row_groups, fn_kwargs=dict(filesystem=files.filesystem), batch_size=1, batch_format="numpy",
+        read_row_groups, fn_kwargs=dict(filesystem=files.filesystem), batch_size=None, batch_format="numpy",
         num_cpus=cfg.cpus_per_data_task, concurrency=cfg.max_data_tasks)
 
 
@@ -223,12 +233,12 @@ def build_dataset(cfg: DataConfig, processor: str, split: str, *, ledger=None,
     travels through the object store, and its examples flow a block (`block_mb`) at a time as it goes.
     """
     files, plan = plan_row_groups(cfg, split, epoch, epochs)
-    units = task_units(plan[part[0]::part[1]], cfg.rows_per_task)
+    tasks = task_units(plan[part[0]::part[1]], cfg.rows_per_task)
     decode = dict(split=split, max_seconds=cfg.max_audio_seconds, quality=cfg.resample_quality,
                   keep_ids=keep_ids)
     featurize = dict(processor=processor, prompt=cfg.prompt, split=split)
-    ds = units_dataset(units).map_batches(
-        examples_from_row_groups, batch_size=1, batch_format="numpy", num_cpus=cfg.cpus_per_data_task,
+    ds = units_dataset(tasks).map_batches(
+        examples_from_row_groups, batch_size=None, batch_format="numpy", num_cpus=cfg.cpus_per_data_task,
         concurrency=cfg.max_data_tasks,
         fn_kwargs=dict(filesystem=files.filesystem, rows_per_batch=cfg.decode_batch_size, decode=decode,
                        featurize=featurize, ledger=ledger))
