@@ -43,27 +43,46 @@ def _checkpoints(cfg) -> list[str]:
     return sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir()) if run.is_dir() else []
 
 
-def test_zero2_run_writes_a_loadable_adapter_curves_and_checkpoints(tiny_config):
-    cfg = _cfg(tiny_config)
+# The resume test's settings: a checkpoint every 2 steps (three kept), each step's example ids logged.
+RESUME = ["train.checkpoint_every=2", "train.keep_checkpoints=3", "train.log_sample_ids=true", "train.max_failures=2"]
+
+
+@pytest.fixture(scope="module")
+def zero2_run(ray_local, tiny_model_dir, synthetic_dir, tmp_path_factory):
+    """One uninterrupted 6-step ZeRO-2 run with caption evaluations at steps 3 and 6: what it wrote is checked by
+    the zero2 test, and it is the reference the resume test compares killed runs with (which later corrupts and
+    extends it, so what the zero2 test reads is taken here, right after the run)."""
+    out = tmp_path_factory.mktemp("zero2") / "reference"
+    base = load_config("tiny", [f"model.name_or_path={tiny_model_dir}", "model.build_tiny=null",
+                                f"data.source={synthetic_dir}", "data.synthetic=null", f"output_dir={out}"])
+    cfg = _cfg(base, *RESUME)
     summary = finetune(cfg)
+    return {"cfg": cfg, "summary": summary, "records": _records(cfg), "checkpoints": _checkpoints(cfg),
+            "sample_ids": _sample_ids(cfg), "config": load_config(str(Path(cfg.output_dir, "config.yaml"))),
+            "weights": load_file(Path(summary["adapter"], "adapter_model.safetensors"))}
+
+
+def test_zero2_run_writes_a_loadable_adapter_curves_and_checkpoints(zero2_run):
+    cfg, summary, weights = zero2_run["cfg"], zero2_run["summary"], zero2_run["weights"]
     out = Path(cfg.output_dir)
     # the adapter loads the way the upstream guide's inference section loads it
     base = AudioFlamingo3ForConditionalGeneration.from_pretrained(cfg.model.name_or_path)
     model = PeftModel.from_pretrained(base, summary["adapter"])
     assert AutoProcessor.from_pretrained(summary["adapter"]).audio_token_id == base.config.audio_token_id
-    weights = load_file(Path(summary["adapter"], "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # trained, not the zero init
     assert not any("audio_tower" in k for k in weights)
     assert isinstance(model, PeftModel)
 
-    records = _records(cfg)
+    records = zero2_run["records"]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     evals = [r for r in records if r["kind"] == "eval"]
-    assert [r["step"] for r in evals] == [3, 6] and all("eval_cider_d" in r and "eval_loss" in r for r in evals)
+    # validation loss at every checkpoint (it ranks them) and eval step; caption scores at the eval steps
+    assert [r["step"] for r in evals] == [2, 3, 4, 6] and all("eval_loss" in r for r in evals)
+    assert [r["step"] for r in evals if "eval_cider_d" in r] == [3, 6]
     assert all(r["samples_per_s"] > 0 and 0 <= r["data_wait_fraction"] <= 1 for r in records if r["kind"] == "train")
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    assert load_config(str(out / "config.yaml")).train.max_steps == 6
-    assert _checkpoints(cfg) == ["checkpoint_000003", "checkpoint_000006"]
+    assert zero2_run["config"].train.max_steps == 6
+    assert zero2_run["checkpoints"] == ["checkpoint_000002", "checkpoint_000004", "checkpoint_000006"]
     assert summary["metrics"]["step"] == 6 and summary["data"]["rows_dropped"] == 0
 
 
@@ -160,7 +179,7 @@ def _kill_a_worker_once(cfg, since: float, after_step: int, killed: list[int]) -
         time.sleep(0.5)
 
 
-def test_resume_is_exact_after_a_dead_driver_and_a_killed_worker_and_skips_a_corrupt_checkpoint(tiny_config, tmp_path):
+def test_resume_is_exact_after_a_dead_driver_and_a_killed_worker_and_skips_a_corrupt_checkpoint(tiny_config, zero2_run):
     """One uninterrupted run is the reference for which examples every step sees. (1) A run whose driver is
     killed after its first checkpoint is rerun, and in the rerun one training worker is killed after a newer
     checkpoint (Ray Train replaces it and restores the group): the run still sees exactly the reference's
@@ -168,14 +187,10 @@ def test_resume_is_exact_after_a_dead_driver_and_a_killed_worker_and_skips_a_cor
     checkpoint corrupted (as a partial upload or a bad disk leaves it), a longer rerun (a rule that refused any
     changed setting would refuse it as "another run", then fail on the bad state) falls back to the checkpoint
     before it, with a warning, and trains on from there."""
-    steps = ["train.checkpoint_every=2", "train.eval_every=6", "train.keep_checkpoints=3", "train.log_sample_ids=true",
-             "train.max_failures=2", "train.eval_caption_clips=0"]  # caption scores are the zero2 test's
-    reference = _cfg(tiny_config, "train.max_steps=6", *steps, f"output_dir={tmp_path / 'reference'}")
-    finetune(reference)
-    expected = _sample_ids(reference)
+    reference, expected = zero2_run["cfg"], zero2_run["sample_ids"]
     assert len(expected) == 2 * 6
-    assert _checkpoints(reference) == ["checkpoint_000002", "checkpoint_000004", "checkpoint_000006"]
-
+    # the killed runs evaluate by validation loss only, at the end: evaluation does not touch the training stream
+    steps = [*RESUME, "train.eval_every=6", "train.eval_caption_clips=0"]
     cfg = _cfg(tiny_config, "train.max_steps=6", *steps)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-c", DRIVER, cfg.model_dump_json()]
@@ -207,7 +222,7 @@ def test_resume_is_exact_after_a_dead_driver_and_a_killed_worker_and_skips_a_cor
     assert states
     for f in states:
         f.write_bytes(b"not a pickle")
-    longer = _cfg(tiny_config, "train.max_steps=8", *steps, f"output_dir={tmp_path / 'reference'}")
+    longer = _cfg(tiny_config, "train.max_steps=8", *steps, f"output_dir={reference.output_dir}")
     summary = finetune(longer)
     resumes = [r for r in _records(longer) if r["kind"] == "resume"]
     assert resumes and resumes[-1]["step"] == 4, resumes  # the step-6 checkpoint was skipped
