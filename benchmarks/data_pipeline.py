@@ -456,7 +456,10 @@ def main() -> None:
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--unique-clips", type=int, default=96, help="distinct clips generated, reused cyclically")
     p.add_argument("--warmup-clips", type=int, default=32, help="clips of the warm-up split")
-    p.add_argument("--bare-clips", type=int, default=200)
+    p.add_argument("--bare-clips", type=int, default=None,
+                   help="clips in each bare repeat (default: --clips, so that bare and the Ray ways take their "
+                        "fastest of --repeats over windows of equal length: a shorter window varies more, and "
+                        "its fastest repeat flatters it)")
     p.add_argument("--repeats", type=int, default=2, help="timed passes per way; the fastest is reported")
     p.add_argument("--batch-size", type=int, default=8, help="training batch size, the same for every way")
     p.add_argument("--n-workers", type=int, default=os.cpu_count(), help="num_cpus of the ray_n run")
@@ -514,7 +517,7 @@ def main() -> None:
         print(f"Ray runs: config overrides {' '.join(overrides)}{block}; batch size {args.batch_size} for every "
               f"way; {args.repeats} timed pass(es) after a warm-up pass, the fastest reported", flush=True)
         ctx = {"model": built["model"], "source": built["source"], "clips": args.clips,
-               "warmup_clips": args.warmup_clips, "bare_clips": min(args.bare_clips, args.clips),
+               "warmup_clips": args.warmup_clips, "bare_clips": min(args.bare_clips or args.clips, args.clips),
                "batch_size": args.batch_size, "n_workers": args.n_workers, "overrides": overrides,
                "resample_quality": resample_quality, "repeats": args.repeats,
                "ray_block_mb": args.ray_block_mb, "verbose": args.verbose, "collate_frames": args.collate_frames}
