@@ -204,8 +204,7 @@ def units_dataset(tasks: list[list[dict]], preserve_order: bool = True) -> Datas
     """Tasks (lists of read units, {"path", "row_groups"} dicts) as a dataset of one block per task, so that
     each map task (`map_batches(batch_size=None)`) reads one task's units; with `preserve_order` (training: a
     seed always gives the same row order) results come out in plan order."""
-    blocks = [pa.Table.from_pylist([{"path": u["path"], "row_groups": list(u["row_groups"])} for u in units],
-                                   schema=UNITS_SCHEMA) for units in tasks]
+    blocks = [pa.Table.from_pylist(units, schema=UNITS_SCHEMA) for units in tasks]  # the schema drops "rows"
     ds = ray.data.from_arrow(blocks or [UNITS_SCHEMA.empty_table()])
     ds.context.execution_options.preserve_order = preserve_order
     return ds
