@@ -317,10 +317,17 @@ def run_ray(ctx: dict, num_cpus: int) -> dict:
 
         load_processor(path)
         time.sleep(1.0)
-        return os.getpid()
+        return os.getpid(), os.nice(0)
 
-    pids = ray.get([_warm_worker.remote(cfg.model.name_or_path) for _ in range(2 * num_cpus)])
-    print(f"  [{tag}] warmed {len(set(pids))} worker process(es)", flush=True)
+    warmed = ray.get([_warm_worker.remote(cfg.model.name_or_path) for _ in range(2 * num_cpus)])
+    worker_nice = max(nice for _, nice in warmed)
+    print(f"  [{tag}] warmed {len({pid for pid, _ in warmed})} worker process(es), nice {worker_nice}", flush=True)
+    # In a training job the consumer is a Ray Train worker, started by Ray at the data workers' priority
+    # (RAY_worker_niceness, 15 by default; raylet and GCS keep the driver's). Here the consumer is this driver,
+    # at its own priority unless --consumer-nice worker (raylet and GCS, started above, keep it either way).
+    consumer_nice = os.nice(0)
+    if ctx["consumer_nice"] == "worker" and worker_nice > consumer_nice:
+        consumer_nice = os.nice(worker_nice - consumer_nice)
 
     def one_pass(split: str, total: int) -> dict:
         ds = build_dataset(cfg.data, cfg.model.name_or_path, split, ledger=ledger)
@@ -349,6 +356,7 @@ def run_ray(ctx: dict, num_cpus: int) -> dict:
                                             "bucket_pool_batches", "resample_quality"})
     ray.shutdown()
     return {**out, "ray_num_cpus": num_cpus, "ray_init_s": round(init_s, 2), "data_config": data_cfg,
+            "worker_nice": worker_nice, "consumer_nice": consumer_nice,
             "rows_dropped": counts["rows_dropped"], "rows_seen": counts["rows_seen"]}
 
 
@@ -474,6 +482,11 @@ def main() -> None:
     p.add_argument("--collate-frames", default="needed", choices=("needed", "window"),
                    help="the Ray runs' collate: the frames the padding-free encoder reads (the trainer's) or "
                         "whole 30 s windows")
+    p.add_argument("--consumer-nice", default="keep", choices=("keep", "worker"),
+                   help="the Ray runs' consumer (this benchmark's driver, after starting Ray): at its own priority "
+                        "(keep), or at the data workers' (worker), as a Ray Train worker consumes in a training "
+                        "job. Side by side on 2026-12-06, four pairs each: medians 0.868 (keep) and 0.88 (worker), "
+                        "no difference beyond the host's drift")
     p.add_argument("--modes", default="bare,ray_1,seed,ray_n,decoder")
     p.add_argument("--pairs", type=int, default=3,
                    help="bare/ray_1 pairs, each run back to back (the first is the --modes run's own when ray_1 "
@@ -524,7 +537,7 @@ def main() -> None:
                "warmup_clips": args.warmup_clips, "bare_clips": min(args.bare_clips or args.clips, args.clips),
                "batch_size": args.batch_size, "n_workers": args.n_workers, "overrides": overrides,
                "resample_quality": resample_quality, "repeats": args.repeats,
-               "ray_block_mb": args.ray_block_mb, "verbose": args.verbose, "collate_frames": args.collate_frames}
+               "ray_block_mb": args.ray_block_mb, "verbose": args.verbose, "consumer_nice": args.consumer_nice, "collate_frames": args.collate_frames}
         def run_way(m: str) -> dict:
             busy_before[m] = wait_quiet(args.quiet_wait, args.quiet_share) if args.quiet_wait > 0 else None
             return run_child(m, ctx, args.timeout)
@@ -577,7 +590,8 @@ def main() -> None:
         if m == "seed":
             note = f"decoder: {r['decoder']}; torch threads {r['torch_threads']}"
         else:
-            note = f"Ray num_cpus={r['ray_num_cpus']}, {r['data_config']}"
+            note = (f"Ray num_cpus={r['ray_num_cpus']}, nice workers {r['worker_nice']} consumer "
+                    f"{r['consumer_nice']}, {r['data_config']}")
         print(f"{m:<6} {rate(m):>8} {r['elapsed_s']:>7.1f} {r['first_delivery_s']:>6.1f} {r['cpu_ms_per_clip']:>11} "
               f"{r['foreign_cpu_share']:>7.0%} {r['cpu_wait_s']:>6.1f}s  {note}")
     print("(1st s: time to the first data reaching the consumer; cpu ms/clip: CPU of the way's whole process "
@@ -613,6 +627,8 @@ def main() -> None:
         "batch_size": args.batch_size, "repeats": args.repeats,
         "config_overrides": overrides,
         "ray_target_max_block_mb": args.ray_block_mb, "autogroup_nice": args.autogroup_nice,
+        "nice": {m: {"workers": r["worker_nice"], "consumer": r["consumer_nice"]} for m, r in results.items()
+                 if "consumer_nice" in r},
         "collate_frames": args.collate_frames,
         "cpu_count": os.cpu_count(),
         "rows_dropped": {m: r["rows_dropped"] for m, r in results.items() if "rows_dropped" in r},
