@@ -486,9 +486,7 @@ def main() -> None:
                         "whole 30 s windows")
     p.add_argument("--consumer-nice", default="keep", choices=("keep", "worker"),
                    help="the Ray runs' consumer (this benchmark's driver, after starting Ray): at its own priority "
-                        "(keep), or at the data workers' (worker), as a Ray Train worker consumes in a training "
-                        "job. Side by side on 2026-12-06, four pairs each: medians 0.868 (keep) and 0.88 (worker), "
-                        "no difference beyond the host's drift")
+                        "(keep), or at the data workers' (worker), as a Ray Train worker consumes in a training job")
     p.add_argument("--modes", default="bare,ray_1,seed,ray_n,decoder")
     p.add_argument("--pairs", type=int, default=3,
                    help="bare/ray_1 pairs, each run back to back (the first is the --modes run's own when ray_1 "
@@ -539,7 +537,8 @@ def main() -> None:
                "warmup_clips": args.warmup_clips, "bare_clips": min(args.bare_clips or args.clips, args.clips),
                "batch_size": args.batch_size, "n_workers": args.n_workers, "overrides": overrides,
                "resample_quality": resample_quality, "repeats": args.repeats,
-               "ray_block_mb": args.ray_block_mb, "verbose": args.verbose, "consumer_nice": args.consumer_nice, "collate_frames": args.collate_frames}
+               "ray_block_mb": args.ray_block_mb, "verbose": args.verbose, "consumer_nice": args.consumer_nice,
+               "collate_frames": args.collate_frames}
         def run_way(m: str) -> dict:
             busy_before[m] = wait_quiet(args.quiet_wait, args.quiet_share) if args.quiet_wait > 0 else None
             return run_child(m, ctx, args.timeout)
@@ -568,8 +567,10 @@ def main() -> None:
 
     pair_rows = [{"bare": b["clips_per_s"], "ray_1": r["clips_per_s"], "ratio": ratio(r["clips_per_s"], b["clips_per_s"]),
                   "steady_ratio": ratio(r.get("steady_clips_per_s"), b["clips_per_s"])} for b, r in pairs]
-    pair_ratios = [row["ratio"] for row in pair_rows if row["ratio"] is not None]
-    steady_ratios = [row["steady_ratio"] for row in pair_rows if row["steady_ratio"] is not None]
+
+    def pairs_median(key: str) -> float | None:
+        values = [row[key] for row in pair_rows if row[key] is not None]
+        return statistics.median(values) if values else None
 
     print()
     print("clips/s: bare = clips / (decode+resample+log-mel time, one process, one thread); the others = "
@@ -610,10 +611,10 @@ def main() -> None:
         "vs_seed": ratio(rate("ray_n"), rate("seed")),
         "scaling": ratio(rate("ray_n"), rate("ray_1")),
         "bare_one_core_clips_per_s": rate("bare"),
-        "ray_1_vs_bare": statistics.median(pair_ratios) if pair_ratios else ratio(rate("ray_1"), rate("bare")),
+        "ray_1_vs_bare": pairs_median("ratio") or ratio(rate("ray_1"), rate("bare")),
         "ray_1_vs_bare_pairs": pair_rows,
         # the same pairs, ray_1 counted from its first delivery to the end of the pass (informative, reads high; no target)
-        "ray_1_steady_vs_bare": statistics.median(steady_ratios) if steady_ratios else None,
+        "ray_1_steady_vs_bare": pairs_median("steady_ratio"),
         "bare_full_featurize_clips_per_s": results.get("bare", {}).get("full_featurize_clips_per_s"),
         "seed_decoder": results.get("seed", {}).get("decoder"),
         "bare_cpu_clips_per_s": results.get("bare", {}).get("cpu_clips_per_s"),
