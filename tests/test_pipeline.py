@@ -228,3 +228,25 @@ def test_a_tasks_reports_are_batched_and_complete():
     strict.report(4, [bad, bad])  # 2 of 4 dropped, over a 20% ceiling: raised once the reply has landed
     with pytest.raises(DataQualityError, match="over the error-rate ceiling"):
         strict.flush()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_parquet", "lying_footer_length"])
+def test_a_broken_shard_is_named_when_the_pass_is_planned(tiny_config, synthetic_dir, tmp_path, damage):
+    """A shard that is cut short, is not parquet at all, or whose footer length points outside the file stops the
+    planning with the shard's path, before any task runs (pyarrow alone names no file)."""
+    (tmp_path / "data").mkdir()
+    paths = split_files(synthetic_dir, "validation").paths
+    for path in paths:
+        (tmp_path / "data" / Path(path).name).write_bytes(Path(path).read_bytes())
+    broken = tmp_path / "data" / Path(paths[1]).name
+    data = broken.read_bytes()
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "not_parquet":
+        data = b"<html>rate limited</html>" * 100
+    else:  # footer length (the 4 bytes before the closing PAR1) claims more than the file holds
+        data = data[:-8] + (len(data) * 4).to_bytes(4, "little") + b"PAR1"
+    broken.write_bytes(data)
+    cfg = tiny_config.data.model_copy(update={"source": str(tmp_path)})
+    with pytest.raises(ValueError, match=rf"shard .*{broken.name} of split 'validation' is not a readable parquet"):
+        build_dataset(cfg, tiny_config.model.name_or_path, "validation")

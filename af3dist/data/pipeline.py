@@ -125,7 +125,10 @@ def row_groups(files: SplitFiles) -> list[tuple[str, int, int]]:
     units = []
     for path in files.paths:
         with files.filesystem.open(path, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
+            try:
+                meta = pq.ParquetFile(f).metadata
+            except (pa.ArrowInvalid, OSError) as e:  # truncated, not parquet, a footer that lies about its size
+                raise ValueError(f"shard {path} of split {files.split!r} is not a readable parquet file: {e}") from e
             units += [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
     return units
 
